@@ -1,0 +1,46 @@
+"""Shared test fixtures: the reference data in ../shared/data (skipped with a reason when absent)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("GPT2KIT_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def shared_path(*parts: str) -> Path:
+    """Path under ../shared/data, or skip the test with a clear reason if it is not there."""
+    p = SHARED_DATA.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"reference data not available: {p} (set GPT2KIT_SHARED_DATA to the shared/data folder)")
+    return p
+
+
+@pytest.fixture(scope="session")
+def gpt2_files_dir() -> Path:
+    """Folder with OpenAI's official GPT-2 `encoder.json` + `vocab.bpe`."""
+    return shared_path("gpt2")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.exists():
+        pytest.skip(f"reference data not available: {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    """Tests run on 2-core CI machines: keep torch from oversubscribing them."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(min(n, 2))
+    yield
+    torch.set_num_threads(n)
