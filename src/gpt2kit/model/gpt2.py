@@ -1,0 +1,280 @@
+"""The GPT-2 network, readable top to bottom (in the spirit of nanoGPT's model.py).
+
+Shapes: B batch, T new positions, P positions already in the KV cache, C = n_embd, H = n_head,
+D = head_dim = C / H, V = vocab_size.
+
+Parameter names follow Hugging Face's GPT2LMHeadModel (`transformer.h.0.attn.c_attn.weight`, ...), so
+converting a checkpoint is a rename-free transpose: HF stores those four projection matrices as Conv1D
+(in x out), we store them as nn.Linear (out x in). See hf.py.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ..errors import UserError
+from .config import GPT2Config
+from .kv_cache import KVCache
+from .loss import linear_cross_entropy
+
+
+@dataclass
+class GPT2Output:
+    logits: torch.Tensor | None  # [B, T, V] ([B, 1, V] with last_only); None when only the loss was asked
+    loss: torch.Tensor | None  # scalar mean NLL over the counted targets; None without targets
+    kv_cache: KVCache | None
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.attn_dropout = config.attn_dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, attn_mask=None, is_causal=True, kv_cache: KVCache | None = None, layer: int = 0):
+        B, T, C = x.shape
+        # [B, T, 3C] -> three [B, H, T, D] views (no copies: SDPA takes strided inputs)
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4).unbind(0)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)  # all keys/values so far: [B, H, P + T, D]
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=attn_mask,
+            dropout_p=self.attn_dropout if self.training else 0.0,
+            is_causal=is_causal and attn_mask is None,
+        )
+        y = y.transpose(1, 2).reshape(B, T, C)  # re-assemble the heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        # GPT-2's GELU is the tanh approximation ("gelu_new" in transformers)
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x, attn_mask=None, is_causal=True, kv_cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), attn_mask, is_causal, kv_cache, layer)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT2(nn.Module):
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.n_ctx, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # weight tying: one tensor, as GPT-2
+        self.gradient_checkpointing = False  # recompute each block in backward (less memory, ~1/3 more compute)
+        self.apply(self._init_weights)
+        # GPT-2: scale the projections that write into the residual stream by 1/sqrt(2 * n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    # ----- bookkeeping ---------------------------------------------------------------------------------
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count (the tied head counted once). non_embedding=True leaves out the token and
+        position embeddings (the N of Kaplan et al. 2020)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
+        return n
+
+    def gradient_checkpointing_enable(self) -> None:
+        self.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.wte.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.wte.weight.dtype
+
+    # ----- the forward pass ----------------------------------------------------------------------------
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        loss_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        last_only: bool = False,
+        return_logits: bool | None = None,
+    ) -> GPT2Output:
+        """Run the network on token ids `idx` [B, T].
+
+        targets [B, T] (next-token ids; -100 = ignore) and loss_mask [B, T] (bool, True = count) give
+        `loss`, the mean NLL over counted targets (0 when none count). With targets, the loss is computed
+        chunk by chunk and the [B, T, V] logits are never built, so `logits` is None unless
+        return_logits=True. kv_cache: new keys/values are written after its filled positions and it
+        advances by T. attention_mask [B, P + T] (bool, False = padding) masks padding keys, e.g. for
+        left-padded batches; positions then default to the count of real tokens before each one.
+        last_only=True: logits for the last position only ([B, 1, V]).
+        """
+        if idx.dim() != 2:
+            raise UserError(f"model input must be token ids of shape [batch, time], got shape {tuple(idx.shape)}")
+        B, T = idx.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        self._check_ids(idx)
+
+        if attention_mask is not None:
+            if attention_mask.shape != (B, past + T):
+                raise UserError(
+                    f"attention_mask must have shape [batch, cache length + time] = {[B, past + T]}, "
+                    f"got {list(attention_mask.shape)}"
+                )
+            attention_mask = attention_mask.to(device=idx.device, dtype=torch.bool)
+        if position_ids is None:
+            position_ids = self._default_positions(B, T, past, attention_mask, idx.device)
+        attn_mask, is_causal = self._attention_mask(T, past, attention_mask, idx.device)
+
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(position_ids))
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for layer, block in enumerate(self.transformer.h):
+            if checkpointing and kv_cache is None:
+                x = checkpoint(block, x, attn_mask, is_causal, use_reentrant=False)
+            else:
+                x = block(x, attn_mask, is_causal, kv_cache, layer)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        x = self.transformer.ln_f(x)
+
+        if last_only:
+            x = x[:, -1:, :]
+            if targets is not None:
+                targets = targets[:, -1:]
+                loss_mask = loss_mask[:, -1:] if loss_mask is not None else None
+        if targets is None:
+            return GPT2Output(self.lm_head(x), None, kv_cache)
+
+        if targets.shape != x.shape[:2]:
+            raise UserError(f"targets must have shape {list(x.shape[:2])}, got {list(targets.shape)}")
+        targets = targets.to(device=x.device, dtype=torch.long)
+        if loss_mask is not None:
+            if loss_mask.shape != targets.shape:
+                raise UserError(f"loss_mask must have shape {list(targets.shape)}, got {list(loss_mask.shape)}")
+            targets = targets.masked_fill(~loss_mask.to(device=x.device, dtype=torch.bool), -100)
+        if return_logits:
+            logits = self.lm_head(x)
+            nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
+                                  reduction="sum")
+            loss = nll / (targets != -100).sum().clamp(min=1)
+            return GPT2Output(logits, loss, kv_cache)
+        loss = linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
+        return GPT2Output(None, loss, kv_cache)
+
+    def _check_ids(self, idx: torch.Tensor) -> None:
+        if idx.dtype not in (torch.long, torch.int, torch.int16, torch.uint8):
+            raise UserError(f"model input must be integer token ids, got dtype {idx.dtype}")
+        # an out-of-range id would be an opaque IndexError deep in nn.Embedding; check where it is free
+        if idx.device.type == "cpu" and idx.numel():
+            lo, hi = int(idx.min()), int(idx.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                bad = lo if lo < 0 else hi
+                raise UserError(f"token id {bad} is outside the model's vocabulary [0, {self.config.vocab_size})")
+
+    def _default_positions(self, B, T, past, attention_mask, device) -> torch.Tensor:
+        if attention_mask is None:
+            if past + T > self.config.n_ctx:
+                raise UserError(
+                    f"sequence of {past + T} positions is longer than the model's context n_ctx={self.config.n_ctx}"
+                )
+            return torch.arange(past, past + T, device=device).unsqueeze(0)
+        # left padding: a token's position is the number of real tokens before it
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+        return positions
+
+    @staticmethod
+    def _attention_mask(T, past, attention_mask, device):
+        """(attn_mask, is_causal) for SDPA: None + is_causal wherever the plain causal kernel is right."""
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # no padding: the fast paths below apply
+        if attention_mask is None:
+            if past == 0:
+                return None, True  # plain causal attention over the new positions
+            if T == 1:
+                return None, False  # one new token sees every cached position
+        # query i sits at position past + i and may see keys 0 .. past + i
+        q_pos = torch.arange(past, past + T, device=device).unsqueeze(1)
+        k_pos = torch.arange(past + T, device=device).unsqueeze(0)
+        mask = k_pos <= q_pos  # [T, P + T]
+        if attention_mask is not None:
+            # mask padding keys, but let every query see itself so a padding query's row is never
+            # empty (an all-masked row would give NaN; its output is never used)
+            mask = (mask & attention_mask[:, None, None, :]) | (k_pos == q_pos)  # [B, 1, T, P + T]
+        return mask, False
+
+    # ----- convenience ---------------------------------------------------------------------------------
+
+    def generate(self, idx: torch.Tensor, **kwargs):
+        """Sample a continuation of `idx`; see gpt2kit.generate.generate for the options."""
+        from ..generate import generate
+
+        return generate(self, idx, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path, device=None, dtype=None) -> GPT2:
+        """Load a gpt2kit checkpoint directory or a local Hugging Face GPT-2 directory."""
+        from .hf import load_pretrained
+
+        return load_pretrained(path, device=device, dtype=dtype)
+
+    def save_pretrained(self, path, tokenizer=None, extra: dict | None = None) -> None:
+        """Write config.json, model.safetensors (HF layout), the tokenizer files and gpt2kit.json."""
+        from .hf import save_pretrained
+
+        save_pretrained(self, path, tokenizer=tokenizer, extra=extra)
+

@@ -1,0 +1,107 @@
+"""Output head + cross-entropy without ever holding the [N, V] logits.
+
+For GPT-2 the logits are the largest activation by far (B*T*50257 floats: 206 MB at 1024 tokens, and
+plain autograd keeps several copies: logits, log-softmax, its gradient). `linear_cross_entropy` walks
+over the rows in chunks; for each chunk it computes the logits, the loss, and right away the gradient
+with respect to the hidden states and the head weight (softmax - one_hot, then two matmuls). Backward
+then only scales the stored gradients. Same matmuls as the plain head, one chunk of logits alive at a
+time, and no recomputation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+_CHUNK_ELEMENTS = 2**24  # logits per chunk (64 MB in float32): rows = this // vocab_size
+
+
+def _chunks(n_rows: int, vocab: int, chunk_rows: int | None):
+    rows = chunk_rows or max(1, _CHUNK_ELEMENTS // vocab)
+    for start in range(0, n_rows, rows):
+        yield start, min(start + rows, n_rows)
+
+
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weight.dtype
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, targets, chunk_rows):
+        # x [N, C], weight [V, C], targets [N] (IGNORE_INDEX = not counted)
+        n_counted = (targets != IGNORE_INDEX).sum()
+        denom = n_counted.clamp(min=1).to(torch.float32)
+        cdtype = _compute_dtype(x, weight)
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        with torch.autocast(x.device.type, enabled=False):
+            w = weight.to(cdtype)
+            xs = x.to(cdtype)
+            loss_sum = torch.zeros((), dtype=torch.float32, device=x.device)
+            grad_x = torch.empty_like(xs) if need_x else None
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+            for start, end in _chunks(x.shape[0], weight.shape[0], chunk_rows):
+                xc, tc = xs[start:end], targets[start:end]
+                logits = torch.mm(xc, w.t()).float()  # [n, V]
+                lse = torch.logsumexp(logits, dim=-1)
+                counted = tc != IGNORE_INDEX
+                safe_t = tc.clamp(min=0).unsqueeze(1)
+                target_logit = logits.gather(1, safe_t).squeeze(1)
+                loss_sum += ((lse - target_logit) * counted).sum()
+                if need_x or need_w:
+                    # d loss / d logits = (softmax - one_hot) / n_counted, zero on rows not counted
+                    probs = logits.sub_(lse.unsqueeze(1)).exp_()
+                    probs.scatter_add_(1, safe_t, -counted.unsqueeze(1).to(probs.dtype))
+                    probs.mul_((counted.to(probs.dtype) / denom).unsqueeze(1))
+                    g = probs.to(cdtype)
+                    if need_x:
+                        torch.mm(g, w, out=grad_x[start:end])
+                    if need_w:
+                        if cdtype == torch.float32:
+                            grad_w.addmm_(g.t(), xc)
+                        else:
+                            grad_w += torch.mm(g.t(), xc).float()
+                del logits
+        ctx.save_for_backward(
+            grad_x if grad_x is not None else torch.empty(0),
+            grad_w if grad_w is not None else torch.empty(0),
+        )
+        ctx.dtypes = (x.dtype, weight.dtype)
+        return loss_sum / denom
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.saved_tensors
+        x_dtype, w_dtype = ctx.dtypes
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            gx = grad_x.mul_(grad_loss.to(grad_x.dtype)).to(x_dtype)
+        if ctx.needs_input_grad[1]:
+            gw = grad_w.mul_(grad_loss).to(w_dtype)
+        return gx, gw, None, None
+
+
+def linear_cross_entropy(
+    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int | None = None
+) -> torch.Tensor:
+    """mean over counted rows of cross_entropy(x @ weight.T, targets); rows with target -100 are skipped.
+
+    x [N, C], weight [V, C], targets [N]. Returns a float32 scalar (0 when no row counts). Memory: one
+    chunk of logits instead of all N rows.
+    """
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(x, weight, targets, chunk_rows)
+    with torch.no_grad():
+        return _LinearCrossEntropy.forward(_NoGradCtx(), x, weight, targets, chunk_rows)
+
+
+class _NoGradCtx:
+    """Stand-in for autograd's ctx when no gradient is wanted: nothing to save."""
+
+    needs_input_grad = (False, False, False, False)
+
+    def save_for_backward(self, *tensors):
+        pass
