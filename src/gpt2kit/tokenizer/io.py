@@ -1,0 +1,161 @@
+"""Tokenizer file formats: GPT-2 `encoder.json`+`vocab.bpe`, Hugging Face `vocab.json`+`merges.txt`, and
+tiktoken's rank file.
+
+In memory a tokenizer is three things: `ranks` (token bytes -> id for the 256 single bytes and every merge
+result), `merges` (ordered list of (bytes, bytes)), and `special_tokens` (text -> id). The GPT-2 and HF
+formats are the same two files under different names: a JSON vocabulary of byte-level strings (bytes
+spelled with GPT-2's byte<->unicode table) and a merge list, one "a b" pair per line after a
+`#version` header. Readers check consistency so a corrupt file fails with one line naming it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+from ..errors import UserError, require_file
+from ..fileio import atomic_write_json, atomic_write_text
+from .pretokenize import byte_order, token_to_unicode, unicode_to_token
+
+MERGES_HEADER = "#version: 0.2"
+
+
+def check_ranks_follow_merges(ranks: dict[bytes, int], merges: list[tuple[bytes, bytes]], where: str) -> None:
+    """tiktoken merges by the rank of the concatenation, OpenAI/HF by the merge's position in the list.
+
+    They agree when every merge result is a distinct token whose id increases along the merge list and
+    is above the ids of its parts, which is what this checks (GPT-2's files and ours satisfy it).
+    """
+    for b in range(256):
+        if bytes([b]) not in ranks:
+            raise UserError(f"{where}: byte {b} has no token (a byte-level vocabulary needs all 256)")
+    last = -1
+    for i, (a, b) in enumerate(merges):
+        for part in (a, b):
+            if part not in ranks:
+                raise UserError(f"{where}: merge {i + 1} uses {token_to_unicode(part)!r}, which is not in the vocabulary")
+        merged = ranks.get(a + b)
+        if merged is None:
+            raise UserError(f"{where}: the result of merge {i + 1} ({token_to_unicode(a + b)!r}) is not in the vocabulary")
+        if merged <= last or merged <= ranks[a] or merged <= ranks[b]:
+            raise UserError(
+                f"{where}: merge {i + 1} gives id {merged}, but ids must increase along the merge list "
+                "(duplicate or reordered merges are not supported)"
+            )
+        last = merged
+    if len(ranks) != 256 + len(merges):
+        raise UserError(
+            f"{where}: {len(ranks)} byte-level tokens but 256 + {len(merges)} merges; vocabulary and merges disagree"
+        )
+
+
+def read_vocab_and_merges(
+    vocab_path: str | Path, merges_path: str | Path
+) -> tuple[dict[bytes, int], list[tuple[bytes, bytes]], dict[str, int]]:
+    """Read `encoder.json`+`vocab.bpe` or `vocab.json`+`merges.txt` into (ranks, merges, special_tokens)."""
+    vocab_path = require_file(vocab_path, "vocabulary file")
+    merges_path = require_file(merges_path, "merges file")
+    try:
+        vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{vocab_path}: not a JSON vocabulary ({e})") from None
+    if not isinstance(vocab, dict) or not all(isinstance(v, int) and v >= 0 for v in vocab.values()):
+        raise UserError(f"{vocab_path}: expected a JSON object mapping token strings to non-negative ids")
+    if len(set(vocab.values())) != len(vocab):
+        raise UserError(f"{vocab_path}: two tokens share an id")
+
+    try:
+        lines = merges_path.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{merges_path}: not UTF-8 (byte {e.start})") from None
+    merges: list[tuple[bytes, bytes]] = []
+    merged_strings: set[str] = set()
+    for lineno, line in enumerate(lines, 1):
+        if not line or (lineno == 1 and line.startswith("#version")):
+            continue
+        parts = line.split(" ")
+        if len(parts) != 2 or not parts[0] or not parts[1]:
+            raise UserError(f"{merges_path}:{lineno}: expected two tokens separated by one space, got {line!r}")
+        try:
+            merges.append((unicode_to_token(parts[0]), unicode_to_token(parts[1])))
+        except KeyError as e:
+            raise UserError(f"{merges_path}:{lineno}: {e.args[0]}") from None
+        merged_strings.add(parts[0] + parts[1])
+
+    ranks: dict[bytes, int] = {}
+    special_tokens: dict[str, int] = {}
+    single_bytes = {token_to_unicode(bytes([b])) for b in range(256)}
+    for text, idx in vocab.items():
+        if text in single_bytes or text in merged_strings:
+            ranks[unicode_to_token(text)] = idx
+        else:  # not reachable by merging: an added (special) token such as <|endoftext|>
+            special_tokens[text] = idx
+    check_ranks_follow_merges(ranks, merges, f"{vocab_path.name} + {merges_path.name} in {vocab_path.parent}")
+    return ranks, merges, special_tokens
+
+
+def write_vocab_and_merges(
+    vocab_path: str | Path,
+    merges_path: str | Path,
+    ranks: dict[bytes, int],
+    merges: list[tuple[bytes, bytes]],
+    special_tokens: dict[str, int],
+) -> None:
+    """Write the GPT-2 / Hugging Face pair of files (same layout under either pair of names)."""
+    vocab = {token_to_unicode(t): i for t, i in sorted(ranks.items(), key=lambda kv: kv[1])}
+    vocab.update(special_tokens)
+    atomic_write_json(vocab_path, vocab, indent=None)
+    lines = [MERGES_HEADER] + [f"{token_to_unicode(a)} {token_to_unicode(b)}" for a, b in merges]
+    atomic_write_text(merges_path, "\n".join(lines) + "\n")
+
+
+def write_tiktoken_file(path: str | Path, ranks: dict[bytes, int]) -> None:
+    """tiktoken's rank file: `base64(token) rank` per line, in rank order (`tiktoken.load.load_tiktoken_bpe`)."""
+    lines = [f"{base64.b64encode(t).decode('ascii')} {i}" for t, i in sorted(ranks.items(), key=lambda kv: kv[1])]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def read_tiktoken_file(path: str | Path) -> tuple[dict[bytes, int], list[tuple[bytes, bytes]]]:
+    """Read a tiktoken rank file and recover the merge list it implies (ranks alone define the BPE)."""
+    path = require_file(path, "tiktoken rank file")
+    ranks: dict[bytes, int] = {}
+    for lineno, line in enumerate(path.read_bytes().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except ValueError:
+            raise UserError(f"{path}:{lineno}: expected 'base64-token rank', got {line[:60]!r}") from None
+    merges = merges_from_ranks(ranks, str(path))
+    check_ranks_follow_merges(ranks, merges, str(path))
+    return ranks, merges
+
+
+def merges_from_ranks(ranks: dict[bytes, int], where: str = "ranks") -> list[tuple[bytes, bytes]]:
+    """Each multi-byte token is the merge of the two parts that BPE with lower ranks leaves it in."""
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) == 1:
+            continue
+        parts = [token[i : i + 1] for i in range(len(token))]
+        while len(parts) > 2:
+            best = None
+            for i in range(len(parts) - 1):
+                r = ranks.get(parts[i] + parts[i + 1])
+                if r is not None and r < rank and (best is None or r < best[0]):
+                    best = (r, i)
+            if best is None:
+                break
+            i = best[1]
+            parts[i : i + 2] = [parts[i] + parts[i + 1]]
+        if len(parts) != 2:
+            raise UserError(f"{where}: token {token!r} (rank {rank}) cannot be built from lower-ranked tokens")
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
+def gpt2_byte_ranks() -> dict[bytes, int]:
+    """The 256 single-byte tokens with GPT-2's ids (printable bytes first; see `pretokenize.byte_order`)."""
+    return {bytes([b]): i for i, b in enumerate(byte_order())}

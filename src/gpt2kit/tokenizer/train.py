@@ -1,0 +1,318 @@
+"""The BPE learner: count pre-tokenized words, then merge the most frequent adjacent pair, repeatedly.
+
+Algorithm (the same as Hugging Face `tokenizers`' BpeTrainer, so results are comparable):
+1. Pre-tokenize every document with the GPT-2 pattern and count the distinct pieces ("words"), in
+   parallel worker processes. A 30 MB corpus has only ~10^5 distinct words, so everything after this
+   step works on distinct words with counts, never on the text.
+2. Each word becomes a list of byte ids. Count every adjacent pair (weighted by word count) and remember
+   which words hold it (pair -> set of word indices; stale members are allowed and skipped).
+3. Pop the pair with the highest count from a max-heap. Ties go to the smallest (left id, right id),
+   where single bytes have GPT-2's ids (its byte<->unicode table order, which is also HF's alphabet
+   order) and each new token gets the next id: HF's tie-break exactly. Every merge is the one with the
+   most negative change in corpus length, Δℓ = −count(a, b).
+4. Rewrite only the words that hold the pair, updating pair counts incrementally: each occurrence
+   removes (left, a) and (b, right) and adds (left, ab) and (ab, right). Counts of existing pairs only
+   ever fall (every new pair contains the new token), so heap entries are upper bounds: a popped entry
+   whose count is stale is pushed back with its true count (lazy invalidation), never recounted.
+5. Stop at the requested vocabulary size, or when the best count is below `min_frequency`.
+
+A merge whose result equals an existing token (the same bytes reached by another split) is skipped:
+each token must come from exactly one merge so that tiktoken's rank-based encoding and the merge-list
+encoding of GPT-2/HF give identical ids.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from ..errors import UserError
+from .pretokenize import byte_order, gpt2_regex, make_normalizer
+
+SHIFT = 32
+MASK = (1 << SHIFT) - 1
+CHUNK_CHARS = 1 << 20  # split long texts into ~1M-character pieces for the worker processes
+PARALLEL_MIN_CHARS = 4 << 20  # below this, starting processes costs more than it saves
+
+
+# ---------------------------------------------------------------- reading and counting
+def read_text_file(path: Path, errors: str = "strict") -> str:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"input file not found: {path}") from None
+    except IsADirectoryError:
+        raise UserError(f"input is a directory, expected a text file: {path}") from None
+    except OSError as e:
+        raise UserError(f"cannot read input file {path}: {e.strerror}") from None
+    try:
+        return data.decode("utf-8", errors=errors)
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"{path}: not valid UTF-8 at byte offset {e.start} (byte 0x{data[e.start]:02x}); "
+            "use --errors replace (errors='replace') to read it with U+FFFD substitutes"
+        ) from None
+
+
+def split_for_workers(text: str, size: int = CHUNK_CHARS) -> list[str]:
+    """Cut `text` into pieces of about `size` characters at points where the GPT-2 pattern always
+    ends a piece (just after a newline that is followed by a non-space character), so counting the
+    pieces separately gives exactly the counts of the whole."""
+    chunks = []
+    start = 0
+    n = len(text)
+    while n - start > size:
+        cut = text.find("\n", start + size)
+        while cut != -1 and cut + 1 < n and text[cut + 1].isspace():
+            cut = text.find("\n", cut + 1)
+        if cut == -1 or cut + 1 >= n:
+            break
+        chunks.append(text[start : cut + 1])
+        start = cut + 1
+    chunks.append(text[start:])
+    return chunks
+
+
+def _count_task(task: tuple[list, str | None, bool, str]) -> Counter:
+    """Worker: count GPT-2 pieces over a batch of sources (texts or file paths)."""
+    sources, normalization, lowercase, errors = task
+    normalize = make_normalizer(normalization, lowercase)
+    findall = gpt2_regex().findall
+    counts: Counter = Counter()
+    for src in sources:
+        text = read_text_file(src, errors) if isinstance(src, Path) else src
+        if normalize is not None:
+            text = normalize(text)
+        counts.update(findall(text))
+    return counts
+
+
+def _as_sources(texts_or_files) -> list[str | Path]:
+    if isinstance(texts_or_files, (str, os.PathLike)):
+        texts_or_files = [texts_or_files]
+    sources: list[str | Path] = []
+    for item in texts_or_files:
+        if isinstance(item, os.PathLike):
+            p = Path(item)
+            if not p.exists():
+                raise UserError(f"input file not found: {p}")
+            if not p.is_file():
+                raise UserError(f"input is not a file: {p}")
+            sources.append(p)
+        elif isinstance(item, str):
+            sources.extend(split_for_workers(item))
+        else:
+            raise UserError(f"training input must be str texts or pathlib.Path files, got {type(item).__name__}")
+    return sources
+
+
+def count_words(
+    texts_or_files, normalization: str | None = None, lowercase: bool = False, workers: int | None = None,
+    errors: str = "strict",
+) -> Counter:
+    """Counts of GPT-2 pre-tokenized pieces over all inputs (files are read as UTF-8)."""
+    sources = _as_sources(texts_or_files)
+    sizes = [s.stat().st_size if isinstance(s, Path) else len(s) for s in sources]
+    workers = workers if workers is not None else min(2, os.cpu_count() or 1)
+    if workers <= 1 or sum(sizes) < PARALLEL_MIN_CHARS or len(sources) < 2:
+        return _count_task((sources, normalization, lowercase, errors))
+    # Deal sources to batches, largest first onto the lightest batch, ~4 batches per worker for balance.
+    n_batches = min(len(sources), 4 * workers)
+    batches: list[list] = [[] for _ in range(n_batches)]
+    loads = [0] * n_batches
+    for size, src in sorted(zip(sizes, sources, strict=True), key=lambda t: -t[0]):
+        j = loads.index(min(loads))
+        batches[j].append(src)
+        loads[j] += size
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")  # fork is unsafe with threads (tiktoken, torch) in the parent
+    total: Counter = Counter()
+    with ctx.Pool(workers) as pool:
+        for counts in pool.imap_unordered(_count_task, [(b, normalization, lowercase, errors) for b in batches]):
+            total.update(counts)
+    return total
+
+
+# ---------------------------------------------------------------- the merge loop
+def merge_words(
+    words: list[list[int]],
+    freqs: list[int],
+    n_merges: int,
+    first_id: int,
+    token_bytes: list[bytes],
+    min_frequency: int = 2,
+    progress: bool = False,
+) -> list[tuple[int, int]]:
+    """Learn up to `n_merges` merges over `words` (lists of ids, modified in place) with counts `freqs`.
+
+    `token_bytes[i]` is the byte string of id i (extended as tokens are created; new ids start at
+    `first_id`). Returns the merges as (left id, right id); merge k created id first_id + k.
+    """
+    pair_counts: dict[int, int] = {}
+    where: dict[int, set[int]] = {}
+    for wi, w in enumerate(words):
+        f = freqs[wi]
+        for i in range(len(w) - 1):
+            k = w[i] << SHIFT | w[i + 1]
+            pair_counts[k] = pair_counts.get(k, 0) + f
+            s = where.get(k)
+            if s is None:
+                where[k] = {wi}
+            else:
+                s.add(wi)
+    heap = [(-c, k) for k, c in pair_counts.items()]
+    heapq.heapify(heap)
+    known_tokens = set(token_bytes)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=n_merges, desc="merges", unit="merge", disable=not progress, mininterval=0.5)
+    merges: list[tuple[int, int]] = []
+    new_id = first_id
+    heappop, heappush = heapq.heappop, heapq.heappush
+    pc_get = pair_counts.get
+    while len(merges) < n_merges and heap:
+        neg, key = heappop(heap)
+        count = pc_get(key, 0)
+        if count != -neg:  # stale: the pair lost occurrences since this entry was pushed
+            if count > 0:
+                heappush(heap, (-count, key))
+            continue
+        if count < min_frequency:
+            break
+        a, b = key >> SHIFT, key & MASK
+        merged_bytes = token_bytes[a] + token_bytes[b]
+        del pair_counts[key]
+        rows = where.pop(key, ())
+        if merged_bytes in known_tokens:  # same bytes as an earlier token: skip (see module docstring)
+            continue
+        known_tokens.add(merged_bytes)
+        token_bytes.append(merged_bytes)
+        merges.append((a, b))
+        new = new_id
+        new_id += 1
+        touched: set[int] = set()
+        for wi in rows:
+            w = words[wi]
+            n = len(w)
+            try:
+                i = w.index(a)
+            except ValueError:
+                continue
+            f = freqs[wi]
+            out = w[:i]
+            found = False
+            while i < n:
+                if w[i] == a and i + 1 < n and w[i + 1] == b:
+                    found = True
+                    if out:
+                        x = out[-1]
+                        k = x << SHIFT | a
+                        if k != key:
+                            pair_counts[k] -= f
+                        k = x << SHIFT | new
+                        pair_counts[k] = pc_get(k, 0) + f
+                        touched.add(k)
+                        s = where.get(k)
+                        if s is None:
+                            where[k] = {wi}
+                        else:
+                            s.add(wi)
+                    if i + 2 < n:
+                        y = w[i + 2]
+                        k = b << SHIFT | y
+                        if k != key:
+                            pair_counts[k] -= f
+                        k = new << SHIFT | y
+                        pair_counts[k] = pc_get(k, 0) + f
+                        touched.add(k)
+                        s = where.get(k)
+                        if s is None:
+                            where[k] = {wi}
+                        else:
+                            s.add(wi)
+                    out.append(new)
+                    i += 2
+                else:
+                    out.append(w[i])
+                    i += 1
+            if found:
+                words[wi] = out
+        for k in touched:
+            c = pair_counts[k]
+            if c > 0:
+                heappush(heap, (-c, k))
+        if len(merges) % 256 == 0:
+            bar.update(256)
+    bar.update(len(merges) % 256)
+    bar.close()
+    return merges
+
+
+# ---------------------------------------------------------------- the learner
+def check_special_tokens(special_tokens: Sequence[str]) -> list[str]:
+    if isinstance(special_tokens, str):
+        special_tokens = [special_tokens]
+    out: list[str] = []
+    for s in special_tokens:
+        if not isinstance(s, str) or not s:
+            raise UserError(f"special tokens must be non-empty strings, got {s!r}")
+        if s in out:
+            raise UserError(f"special token {s!r} is given twice")
+        out.append(s)
+    return out
+
+
+def learn_bpe(
+    texts_or_files: str | os.PathLike | Iterable[str | os.PathLike],
+    vocab_size: int,
+    min_frequency: int = 2,
+    special_tokens: Sequence[str] = ("<|endoftext|>",),
+    normalization: str | None = None,
+    lowercase: bool = False,
+    progress: bool = True,
+    workers: int | None = None,
+    errors: str = "strict",
+) -> tuple[dict[bytes, int], list[tuple[bytes, bytes]], dict[str, int]]:
+    """Learn (ranks, merges, special_tokens). Ids: 0..255 single bytes in GPT-2's order, then merges in
+    the order learned, then the special tokens (so a GPT-2-shaped vocabulary ends with <|endoftext|>)."""
+    specials = check_special_tokens(special_tokens)
+    if not isinstance(vocab_size, int) or vocab_size < 256 + len(specials):
+        raise UserError(
+            f"vocab size {vocab_size} is too small: a byte-level BPE needs at least 256 + "
+            f"{len(specials)} special token(s) = {256 + len(specials)}"
+        )
+    if min_frequency < 1:
+        raise UserError(f"min frequency must be >= 1, got {min_frequency}")
+    if errors not in ("strict", "replace"):
+        raise UserError(f"errors must be 'strict' or 'replace', got {errors!r}")
+    counts = count_words(texts_or_files, normalization, lowercase, workers, errors)
+    if not counts:
+        raise UserError("the training corpus is empty (no text in the inputs)")
+
+    order = byte_order()
+    to_id = bytearray(256)
+    for i, b in enumerate(order):
+        to_id[b] = i
+    table = bytes(to_id)
+    words: list[list[int]] = []
+    freqs: list[int] = []
+    for word, f in counts.items():
+        if len(word) > 1 or ord(word) > 127:  # one ASCII char is one byte: nothing to merge
+            ids = list(word.encode("utf-8").translate(table))
+            if len(ids) > 1:
+                words.append(ids)
+                freqs.append(f)
+    del counts
+    token_bytes = [bytes([b]) for b in order]
+    n_merges = vocab_size - 256 - len(specials)
+    pair_merges = merge_words(words, freqs, n_merges, 256, token_bytes, min_frequency, progress)
+
+    ranks = {t: i for i, t in enumerate(token_bytes)}
+    merges = [(token_bytes[a], token_bytes[b]) for a, b in pair_merges]
+    special_ids = {s: len(ranks) + j for j, s in enumerate(specials)}
+    return ranks, merges, special_ids
