@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from .pretokenize import gpt2_regex
 
+
 def replace_surrogates(text: str) -> str:
     """Pair up valid surrogate pairs and turn lone surrogates into U+FFFD (tiktoken's rule)."""
     return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")

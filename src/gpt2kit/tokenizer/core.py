@@ -77,7 +77,9 @@ class Tokenizer:
 
     # ---------------------------------------------------------------- construction
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, engine: Literal["tiktoken", "python"] = "tiktoken") -> Tokenizer:
+    def from_pretrained(
+        cls, path: str | os.PathLike, engine: Literal["tiktoken", "python"] = "tiktoken"
+    ) -> Tokenizer:
         """Load from a directory holding `encoder.json`+`vocab.bpe` (OpenAI), `vocab.json`+`merges.txt`
         (Hugging Face / gpt2kit checkpoint; its `gpt2kit.json` supplies the saved pre-processing)."""
         from ..errors import require_dir
@@ -90,7 +92,9 @@ class Tokenizer:
         elif (d / "encoder.json").exists() and (d / "vocab.bpe").exists():
             ranks, merges, special = read_vocab_and_merges(d / "encoder.json", d / "vocab.bpe")
         else:
-            raise UserError(f"{d}: no tokenizer files (expected vocab.json + merges.txt, or encoder.json + vocab.bpe)")
+            raise UserError(
+                f"{d}: no tokenizer files (expected vocab.json + merges.txt, or encoder.json + vocab.bpe)"
+            )
         settings: dict = {}
         if (d / "gpt2kit.json").exists():
             meta = read_json(d / "gpt2kit.json", "gpt2kit.json")
@@ -161,7 +165,9 @@ class Tokenizer:
 
     def with_engine(self, engine: Literal["tiktoken", "python"]) -> Tokenizer:
         """The same tokenizer on another engine ("python" is the pure-Python reference)."""
-        tok = Tokenizer(self._ranks, self._merges, self._special, self._normalization, self._lowercase, engine, self.name)
+        tok = Tokenizer(
+            self._ranks, self._merges, self._special, self._normalization, self._lowercase, engine, self.name
+        )
         tok._tiktoken, tok._reference, tok._fingerprint = self._tiktoken, self._reference, self._fingerprint
         return tok
 
@@ -177,7 +183,9 @@ class Tokenizer:
         try:
             return self._special[EOS]
         except KeyError:
-            raise UserError(f"tokenizer {self.name!r} has no {EOS} token (train it with that special token)") from None
+            raise UserError(
+                f"tokenizer {self.name!r} has no {EOS} token (train it with that special token)"
+            ) from None
 
     @property
     def special_tokens(self) -> dict[str, int]:
@@ -220,7 +228,11 @@ class Tokenizer:
         return self._fingerprint
 
     def __repr__(self) -> str:
-        pre = f", normalization={self._normalization!r}, lowercase={self._lowercase}" if self._normalizer else ""
+        pre = (
+            f", normalization={self._normalization!r}, lowercase={self._lowercase}"
+            if self._normalizer
+            else ""
+        )
         return (
             f"Tokenizer(name={self.name!r}, vocab_size={self.vocab_size}, merges={len(self._merges)}, "
             f"special_tokens={len(self._special)}{pre}, engine={self.engine!r})"
@@ -324,7 +336,9 @@ class Tokenizer:
         elif allowed_special == "none_raise":
             allowed = frozenset()
         elif isinstance(allowed_special, str):
-            raise UserError(f"allowed_special must be 'all', 'none', 'none_raise' or a set, got {allowed_special!r}")
+            raise UserError(
+                f"allowed_special must be 'all', 'none', 'none_raise' or a set, got {allowed_special!r}"
+            )
         else:
             allowed = frozenset(allowed_special)
             unknown = allowed - everything
@@ -361,7 +375,9 @@ class Tokenizer:
             pass
         for i in ids:  # slow path only to name the offending id
             if not isinstance(i, int) or i < 0 or i >= self._n_vocab or id_bytes[i] is None:
-                raise TokenIdError(f"token id {i!r} is not in the vocabulary (valid ids: 0..{self._n_vocab - 1})")
+                raise TokenIdError(
+                    f"token id {i!r} is not in the vocabulary (valid ids: 0..{self._n_vocab - 1})"
+                )
         raise AssertionError("unreachable")  # pragma: no cover
 
     def decode(self, ids: Iterable[int], errors: str = "replace") -> str:
@@ -413,8 +429,14 @@ class Tokenizer:
             "clean_up_tokenization_spaces": False,
             "errors": "replace",
             "added_tokens_decoder": {
-                str(i): {"content": s, "special": True, "lstrip": False, "rstrip": False,
-                         "normalized": False, "single_word": False}
+                str(i): {
+                    "content": s,
+                    "special": True,
+                    "lstrip": False,
+                    "rstrip": False,
+                    "normalized": False,
+                    "single_word": False,
+                }
                 for s, i in sorted(self._special.items(), key=lambda kv: kv[1])
             },
             **specials_map,

@@ -34,10 +34,14 @@ def check_ranks_follow_merges(ranks: dict[bytes, int], merges: list[tuple[bytes,
     for i, (a, b) in enumerate(merges):
         for part in (a, b):
             if part not in ranks:
-                raise UserError(f"{where}: merge {i + 1} uses {token_to_unicode(part)!r}, which is not in the vocabulary")
+                raise UserError(
+                    f"{where}: merge {i + 1} uses {token_to_unicode(part)!r}, which is not in the vocabulary"
+                )
         merged = ranks.get(a + b)
         if merged is None:
-            raise UserError(f"{where}: the result of merge {i + 1} ({token_to_unicode(a + b)!r}) is not in the vocabulary")
+            raise UserError(
+                f"{where}: the result of merge {i + 1} ({token_to_unicode(a + b)!r}) is not in the vocabulary"
+            )
         if merged <= last or merged <= ranks[a] or merged <= ranks[b]:
             raise UserError(
                 f"{where}: merge {i + 1} gives id {merged}, but ids must increase along the merge list "
@@ -76,7 +80,9 @@ def read_vocab_and_merges(
             continue
         parts = line.split(" ")
         if len(parts) != 2 or not parts[0] or not parts[1]:
-            raise UserError(f"{merges_path}:{lineno}: expected two tokens separated by one space, got {line!r}")
+            raise UserError(
+                f"{merges_path}:{lineno}: expected two tokens separated by one space, got {line!r}"
+            )
         try:
             merges.append((unicode_to_token(parts[0]), unicode_to_token(parts[1])))
         except KeyError as e:
@@ -112,7 +118,9 @@ def write_vocab_and_merges(
 
 def write_tiktoken_file(path: str | Path, ranks: dict[bytes, int]) -> None:
     """tiktoken's rank file: `base64(token) rank` per line, in rank order (`tiktoken.load.load_tiktoken_bpe`)."""
-    lines = [f"{base64.b64encode(t).decode('ascii')} {i}" for t, i in sorted(ranks.items(), key=lambda kv: kv[1])]
+    lines = [
+        f"{base64.b64encode(t).decode('ascii')} {i}" for t, i in sorted(ranks.items(), key=lambda kv: kv[1])
+    ]
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
@@ -151,7 +159,9 @@ def merges_from_ranks(ranks: dict[bytes, int], where: str = "ranks") -> list[tup
             i = best[1]
             parts[i : i + 2] = [parts[i] + parts[i + 1]]
         if len(parts) != 2:
-            raise UserError(f"{where}: token {token!r} (rank {rank}) cannot be built from lower-ranked tokens")
+            raise UserError(
+                f"{where}: token {token!r} (rank {rank}) cannot be built from lower-ranked tokens"
+            )
         merges.append((parts[0], parts[1]))
     return merges
 

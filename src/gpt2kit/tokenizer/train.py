@@ -105,12 +105,17 @@ def _as_sources(texts_or_files) -> list[str | Path]:
         elif isinstance(item, str):
             sources.extend(split_for_workers(item))
         else:
-            raise UserError(f"training input must be str texts or pathlib.Path files, got {type(item).__name__}")
+            raise UserError(
+                f"training input must be str texts or pathlib.Path files, got {type(item).__name__}"
+            )
     return sources
 
 
 def count_words(
-    texts_or_files, normalization: str | None = None, lowercase: bool = False, workers: int | None = None,
+    texts_or_files,
+    normalization: str | None = None,
+    lowercase: bool = False,
+    workers: int | None = None,
     errors: str = "strict",
 ) -> Counter:
     """Counts of GPT-2 pre-tokenized pieces over all inputs (files are read as UTF-8)."""
@@ -132,7 +137,9 @@ def count_words(
     ctx = mp.get_context("spawn")  # fork is unsafe with threads (tiktoken, torch) in the parent
     total: Counter = Counter()
     with ctx.Pool(workers) as pool:
-        for counts in pool.imap_unordered(_count_task, [(b, normalization, lowercase, errors) for b in batches]):
+        for counts in pool.imap_unordered(
+            _count_task, [(b, normalization, lowercase, errors) for b in batches]
+        ):
             total.update(counts)
     return total
 
