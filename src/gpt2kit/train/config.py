@@ -1,0 +1,277 @@
+"""Training configuration: four dataclasses, a TOML file, and `--key value` overrides.
+
+Precedence, lowest first: dataclass defaults < the model preset < the TOML file (or, on `--resume`, the
+run's own `config.toml`) < flags given on the command line. Every key name is unique across the four
+sections, so a flag `--n-layer 4`, a top-level TOML key `n_layer = 4` and `[model] n_layer = 4` all mean
+the same thing. An unknown key is an error that names the nearest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from ..errors import UserError
+
+
+@dataclass
+class ModelCfg:
+    """The network. `None` means: take it from the preset (or, for vocab_size, from the shards' meta.json)."""
+
+    preset: str = "gpt2-mini"
+    n_layer: int | None = None
+    n_head: int | None = None
+    n_embd: int | None = None
+    n_ctx: int | None = None
+    vocab_size: int | None = None
+    dropout: float | None = None
+    attn_dropout: float | None = None
+    grad_checkpointing: bool = False
+    init_from: str = ""  # a checkpoint directory to start from instead of random weights
+
+
+@dataclass
+class DataCfg:
+    data: str = ""  # directory with train.bin / val.bin / meta.json
+    block_size: int = 256  # tokens per training row (the longest, when seq_len sampling is on)
+    batch_size: int = 8  # rows per micro-batch (per process under torchrun)
+    mode: str = "packed"  # packed | padded
+    seq_len: str = ""  # dynamic lengths, e.g. "uniform:64:256" or "choice:64,128,256" (empty: fixed)
+    eval_batch_size: int = 0  # 0: same as batch_size
+    eval_batches: int = 0  # cap on validation batches per evaluation (0: the whole split)
+
+
+@dataclass
+class OptimCfg:
+    lr: float = 6e-4  # peak learning rate
+    schedule: str = "cosine"  # cosine | inverse_sqrt | constant
+    warmup_steps: int = 100
+    min_lr: float = 0.0  # floor of the cosine schedule (absolute)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.01  # on 2-D weight matrices only
+    grad_clip: float = 1.0  # max global gradient norm (0: off)
+    grad_accum: int = 1  # micro-batches per optimizer step
+
+
+@dataclass
+class RunCfg:
+    out: str = ""  # run directory
+    max_steps: int = 1000
+    eval_every: int = 200  # 0: only at the end
+    save_every: int = 200  # 0: only at the end
+    keep_last: int = 3  # step checkpoints kept (best/ is kept apart)
+    log_every: int = 10
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "fp32"  # fp32 | bf16 | fp16 (fp16 on CUDA only, with a gradient scaler)
+    compile: bool = False
+    strategy: str = "ddp"  # ddp | fsdp | zero1 (used under torchrun)
+    reshard_after_forward: bool = True  # fsdp: ZeRO-3 (True) or ZeRO-2 style (False)
+    max_bad_steps: int = 5  # non-finite losses in a row that stop the run
+    tensorboard: bool = False
+    progress: bool = True
+    threads: int = 0  # torch CPU threads (0: torch's default)
+
+
+@dataclass
+class TrainConfig:
+    model: ModelCfg = field(default_factory=ModelCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    optim: OptimCfg = field(default_factory=OptimCfg)
+    run: RunCfg = field(default_factory=RunCfg)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, type] = {"model": ModelCfg, "data": DataCfg, "optim": OptimCfg, "run": RunCfg}
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "mode": ("packed", "padded"),
+    "schedule": ("cosine", "inverse_sqrt", "constant"),
+    "dtype": ("fp32", "bf16", "fp16"),
+    "strategy": ("ddp", "fsdp", "zero1"),
+}
+
+
+def _key_index() -> dict[str, tuple[str, dataclasses.Field]]:
+    """Every key name -> (section, field). Names are unique across sections by construction."""
+    index: dict[str, tuple[str, dataclasses.Field]] = {}
+    for section, cls in SECTIONS.items():
+        for f in fields(cls):
+            assert f.name not in index, f"duplicate config key {f.name}"
+            index[f.name] = (section, f)
+    return index
+
+
+KEYS = _key_index()
+
+
+def flag_name(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def suggest_key(name: str) -> str:
+    """' (did you mean X?)' for the nearest valid key, or ''."""
+    key = name.lstrip("-").replace("-", "_")
+    near = difflib.get_close_matches(key, list(KEYS), n=1, cutoff=0.5)
+    return f" (did you mean {near[0]}?)" if near else ""
+
+
+def field_type(f: dataclasses.Field) -> type:
+    t = str(f.type)
+    if "bool" in t:
+        return bool
+    if "int" in t:
+        return int
+    if "float" in t:
+        return float
+    return str
+
+
+def coerce(key: str, value: Any, where: str) -> Any:
+    """Check/convert one value to the type of `key`; `where` names the source in errors."""
+    _, f = KEYS[key]
+    typ = field_type(f)
+    optional = "None" in str(f.type)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "")):
+        if optional:
+            return None
+        raise UserError(f"{where}: {key} needs a value")
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                out: Any = value
+            elif isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+                out = True
+            elif isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+                out = False
+            else:
+                raise ValueError
+        elif typ is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            out = int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        elif typ is float:
+            if isinstance(value, bool):
+                raise ValueError
+            out = float(value)
+        else:
+            if not isinstance(value, str):
+                raise ValueError
+            out = value
+    except (TypeError, ValueError):
+        raise UserError(f"{where}: {key} expects {typ.__name__}, got {value!r}") from None
+    if key in CHOICES and out not in CHOICES[key]:
+        raise UserError(f"{where}: {key} must be one of {', '.join(CHOICES[key])}, got {out!r}")
+    return out
+
+
+def flatten_toml(doc: dict[str, Any], where: str) -> dict[str, Any]:
+    """TOML document (sections or top-level keys) -> {key: value}, rejecting unknown keys."""
+    flat: dict[str, Any] = {}
+    for k, v in doc.items():
+        if isinstance(v, dict):
+            if k not in SECTIONS:
+                raise UserError(f"{where}: unknown section [{k}] (expected one of {', '.join(SECTIONS)})")
+            for kk, vv in v.items():
+                if kk not in KEYS:
+                    raise UserError(f"{where}: unknown key {k}.{kk}{suggest_key(kk)}")
+                if KEYS[kk][0] != k:
+                    raise UserError(f"{where}: key {kk} belongs in [{KEYS[kk][0]}], not [{k}]")
+                flat[kk] = coerce(kk, vv, where)
+        else:
+            if k not in KEYS:
+                raise UserError(f"{where}: unknown key {k}{suggest_key(k)}")
+            flat[k] = coerce(k, v, where)
+    return flat
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {path}") from None
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"config file is not valid TOML: {path}: {e}") from None
+    return flatten_toml(doc, str(path))
+
+
+def build_config(*layers: dict[str, Any]) -> TrainConfig:
+    """Apply flat {key: value} layers, lowest precedence first, onto the defaults."""
+    cfg = TrainConfig()
+    for layer in layers:
+        for k, v in layer.items():
+            if k not in KEYS:
+                raise UserError(f"unknown config key {k}{suggest_key(k)}")
+            section, _ = KEYS[k]
+            setattr(getattr(cfg, section), k, v)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Checks that need no files; the shapes against the data and preset are checked in the trainer."""
+    positive = {
+        "block_size": cfg.data.block_size,
+        "batch_size": cfg.data.batch_size,
+        "grad_accum": cfg.optim.grad_accum,
+        "max_steps": cfg.run.max_steps,
+        "log_every": cfg.run.log_every,
+        "keep_last": cfg.run.keep_last,
+        "max_bad_steps": cfg.run.max_bad_steps,
+    }
+    for k, v in positive.items():
+        if v < 1:
+            raise UserError(f"{flag_name(k)} must be >= 1, got {v}")
+    for k in ("eval_every", "save_every", "warmup_steps", "eval_batches", "eval_batch_size", "threads"):
+        v = getattr(getattr(cfg, KEYS[k][0]), k)
+        if v < 0:
+            raise UserError(f"{flag_name(k)} must be >= 0, got {v}")
+    for k in ("n_layer", "n_head", "n_embd", "n_ctx", "vocab_size"):
+        v = getattr(cfg.model, k)
+        if v is not None and v < 1:
+            raise UserError(f"{flag_name(k)} must be >= 1, got {v}")
+    for k in ("dropout", "attn_dropout"):
+        v = getattr(cfg.model, k)
+        if v is not None and not 0.0 <= v < 1.0:
+            raise UserError(f"{flag_name(k)} must be in [0, 1), got {v}")
+    if cfg.optim.lr <= 0:
+        raise UserError(f"--lr must be > 0, got {cfg.optim.lr}")
+    if cfg.optim.min_lr < 0 or cfg.optim.min_lr > cfg.optim.lr:
+        raise UserError(f"--min-lr must be in [0, lr={cfg.optim.lr}], got {cfg.optim.min_lr}")
+    if not (0 <= cfg.optim.beta1 < 1 and 0 <= cfg.optim.beta2 < 1):
+        raise UserError("--beta1 and --beta2 must be in [0, 1)")
+    if cfg.optim.schedule == "inverse_sqrt" and cfg.optim.warmup_steps < 1:
+        raise UserError("--schedule inverse_sqrt needs --warmup-steps >= 1")
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    s = str(v).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{s}"'
+
+
+def to_toml(cfg: TrainConfig) -> str:
+    """The resolved config as TOML (None values are left out: they mean 'from the preset/data')."""
+    lines = ["# resolved by gpt2kit train; `gpt2kit train --config THIS` repeats the run", ""]
+    for section, values in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        for k, v in values.items():
+            if v is not None:
+                lines.append(f"{k} = {_toml_value(v)}")
+        lines.append("")
+    return "\n".join(lines)
