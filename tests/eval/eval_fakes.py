@@ -32,12 +32,18 @@ class PieceTokenizer:
         for text in texts:
             for word in re.findall(r"\s?\S+|\s+", text):
                 pieces.extend(word[i : i + 3] for i in range(0, len(word), 3))
+            pieces.extend(text)  # single characters: the fallback for pieces never seen
         return cls(pieces)
 
     def encode_ordinary(self, text: str) -> list[int]:
         out = []
         for word in re.findall(r"\s?\S+|\s+", text):
-            out.extend(self.ids[word[i : i + 3]] for i in range(0, len(word), 3))
+            for i in range(0, len(word), 3):
+                piece = word[i : i + 3]
+                if piece in self.ids:
+                    out.append(self.ids[piece])
+                else:
+                    out.extend(self.ids[c] for c in piece)
         return out
 
     def encode(self, text: str, allowed_special="none_raise") -> list[int]:

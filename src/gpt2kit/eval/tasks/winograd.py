@@ -132,17 +132,27 @@ def _context(schema: Schema, option: str) -> str:
     return schema.prefix + " " + option
 
 
+def schema_requests(tokenizer, schema: Schema) -> tuple[list[Request], list[Request]]:
+    """(partial, full) requests, one per option: partial scores the text after the pronoun given the
+    sentence up to the substituted option; full scores the whole substituted sentence after EOS."""
+    if not schema.suffix.strip():
+        raise UserError(f"{schema.where}: nothing follows the pronoun, so partial scoring has nothing to score")
+    partial, full = [], []
+    for option in schema.options:
+        ctx = _context(schema, option)
+        partial.append(encode_pair(tokenizer, ctx, schema.suffix))
+        full.append(encode_pair(tokenizer, "", ctx + schema.suffix))
+    return partial, full
+
+
 def evaluate_winograd(model, tokenizer, path, *, limit=None, batch_size=16, progress=False) -> dict:
     schemas = read_winograd(path, limit)
     partial: list[Request] = []
     full: list[Request] = []
     for s in schemas:
-        if not s.suffix.strip():
-            raise UserError(f"{s.where}: nothing follows the pronoun, so partial scoring has nothing to score")
-        for option in s.options:
-            ctx = _context(s, option)
-            partial.append(encode_pair(tokenizer, ctx, s.suffix))
-            full.append(encode_pair(tokenizer, "", ctx + s.suffix))
+        p, f = schema_requests(tokenizer, s)
+        partial += p
+        full += f
     scores = score_requests(model, partial + full, batch_size=batch_size, progress=progress, desc="winograd")
     part_scores, full_scores = scores[: len(partial)], scores[len(partial) :]
     correct = correct_full = 0
