@@ -134,7 +134,7 @@ def init_distributed(device: str | torch.device | None = None, timeout_s: float 
 
 def cleanup() -> None:
     """Tear down the process group (if any); safe to call always."""
-    if dist.is_available() and dist.is_initialized():
+    if _pg_up():
         dist.destroy_process_group()
 
 
@@ -385,7 +385,7 @@ def gather_full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """
     if _find_fsdp_root(model) is None:
         # DDP / single process: every rank already holds everything; no communication needed.
-        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        if _pg_up() and dist.get_rank() != 0:
             return {}
         return {k: v.detach().to("cpu", copy=True) for k, v in unwrap(model).state_dict().items()}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -404,6 +404,10 @@ def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], 
 
 
 # ----- optimizer state (torch.distributed.checkpoint) -------------------------------------------------
+
+
+def _pg_up() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
 def _param_names(model: nn.Module) -> dict[int, str]:
@@ -461,7 +465,7 @@ def save_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, pat
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
         osd = get_optimizer_state_dict(model, optimizer)
-    dcp.save({_OPTIM_KEY: osd}, checkpoint_id=str(path_dir))
+    dcp.save({_OPTIM_KEY: osd}, checkpoint_id=str(path_dir), no_dist=not _pg_up())
 
 
 def _apply_group_hyperparams(optimizer: torch.optim.Optimizer, loaded_groups: list[dict[str, Any]],
@@ -488,7 +492,7 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, pat
             local = optimizer.optim
             _init_local_state(local)
             template = _zero_local_state_dict(model, optimizer)
-            dcp.load({_OPTIM_KEY: template}, checkpoint_id=str(path_dir))
+            dcp.load({_OPTIM_KEY: template}, checkpoint_id=str(path_dir), no_dist=not _pg_up())
             names = _param_names(model)
             for g in local.param_groups:
                 for p in g["params"]:
@@ -500,7 +504,7 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, pat
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
         template = get_optimizer_state_dict(model, optimizer)  # initialises the state with a no-op step
-        dcp.load({_OPTIM_KEY: template}, checkpoint_id=str(path_dir))
+        dcp.load({_OPTIM_KEY: template}, checkpoint_id=str(path_dir), no_dist=not _pg_up())
         set_optimizer_state_dict(model, optimizer, template)
     except (RuntimeError, KeyError, ValueError) as e:
         if isinstance(e, UserError):
