@@ -118,9 +118,23 @@ def flag_name(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
+# names other trainers use for our keys: a closer hint than spelling similarity gives
+ALIASES = {
+    "learning_rate": "lr", "max_lr": "lr", "lr_schedule": "schedule", "scheduler": "schedule",
+    "warmup": "warmup_steps", "warmup_iters": "warmup_steps", "max_iters": "max_steps", "steps": "max_steps",
+    "iters": "max_steps", "eval_interval": "eval_every", "save_interval": "save_every",
+    "log_interval": "log_every", "gradient_accumulation_steps": "grad_accum", "accumulate": "grad_accum",
+    "context_length": "block_size", "seq_length": "block_size", "ctx": "n_ctx", "n_positions": "n_ctx",
+    "layers": "n_layer", "heads": "n_head", "d_model": "n_embd", "hidden_size": "n_embd",
+    "precision": "dtype", "data_dir": "data", "out_dir": "out", "output": "out", "model": "preset",
+}
+
+
 def suggest_key(name: str) -> str:
     """' (did you mean X?)' for the nearest valid key, or ''."""
     key = name.lstrip("-").replace("-", "_")
+    if key in ALIASES:
+        return f" (did you mean {ALIASES[key]}?)"
     near = difflib.get_close_matches(key, list(KEYS), n=1, cutoff=0.5)
     return f" (did you mean {near[0]}?)" if near else ""
 

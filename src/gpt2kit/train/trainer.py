@@ -18,7 +18,8 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -303,6 +304,15 @@ def _autocast_factory(dtype: str, device: torch.device) -> Callable[[], contextl
     return lambda: torch.autocast(device_type=device.type, dtype=amp)
 
 
+@contextlib.contextmanager
+def _quiet_single_process_dcp() -> Iterator[None]:
+    """torch.distributed.checkpoint warns that it 'assumes a single process' when there is no process
+    group; that is exactly what we mean, so to users the warning is noise."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 # ----- the trainer ---------------------------------------------------------------------------------
 
 
@@ -454,7 +464,8 @@ class Trainer:
         return model
 
     def _restore(self, state: dict[str, Any], resume_dir: Path) -> None:
-        dist_api.load_optimizer_state(self.model, self.optimizer, resume_dir / "optimizer")
+        with _quiet_single_process_dcp():
+            dist_api.load_optimizer_state(self.model, self.optimizer, resume_dir / "optimizer")
         self.step = int(state["step"])
         self.skipped = int(state.get("skipped_steps", 0))
         self.bad_in_a_row = int(state.get("bad_in_a_row", 0))
@@ -508,7 +519,8 @@ class Trainer:
             staging.mkdir(parents=True)
         dist_api.barrier(env)
         full_state = self._full_state_if_sharded()
-        dist_api.save_optimizer_state(self.model, self.optimizer, staging / "optimizer")
+        with _quiet_single_process_dcp():
+            dist_api.save_optimizer_state(self.model, self.optimizer, staging / "optimizer")
         per_rank = ckpt.to_safe({"loader": self.loader.state_dict(), "rng": ckpt.capture_rng_state()})
         ranks = [per_rank]
         if env.distributed and env.world_size > 1:
@@ -571,7 +583,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return stats, norm, True
 
-    def fit(self) -> TrainResult:
+    def fit(self, stop_after: int | None = None) -> TrainResult:
+        """Train to max_steps. `stop_after=k` behaves like a SIGTERM arriving during step k (tests, demos)."""
         cfg, r = self.cfg, self.cfg.run
         env = self.env
         if env.is_main and self.step == 0:
@@ -631,6 +644,8 @@ class Trainer:
                         window_loss += stats.loss
                         window_steps += 1
                         bar.update(1)
+                    if stop_after is not None and self.step >= stop_after and stop.requested is None:
+                        stop.requested = "stop_after"
                     stop_now = dist_api.any_rank(stop.requested is not None, env)
                     if applied and (self.step % r.log_every == 0 or self.step == r.max_steps or stop_now):
                         now = time.perf_counter()
@@ -652,7 +667,7 @@ class Trainer:
                         bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{tps:,.0f}")
                         window_loss, window_steps, window_tokens, window_t0 = 0.0, 0, 0, now
                     if applied:
-                        at_end = self.step == r.max_steps or stop_now
+                        at_end = self.step == r.max_steps  # a stop saves (below) but does not evaluate: be quick
                         if (r.eval_every and self.step % r.eval_every == 0) or at_end:
                             val = self._eval_and_keep_best(history)
                             last_eval_step = self.step
