@@ -62,3 +62,30 @@ def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs: max abs diff {(a[k] - b[k]).abs().max().item()}"
+
+
+def cli_main(argv: list[str]) -> int:
+    """`gpt2kit <argv>` with only the train command registered: the same parser class, the same error
+    handling as gpt2kit.cli.main, so these tests do not depend on the other commands importing cleanly."""
+    import sys
+
+    from gpt2kit.cli import _Parser
+    from gpt2kit.commands import train as train_cmd
+    from gpt2kit.errors import UserError
+
+    parser = _Parser(prog="gpt2kit")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    p = sub.add_parser("train")
+    train_cmd.add_arguments(p)
+    args = parser.parse_args(argv)
+    try:
+        return int(train_cmd.run(args) or 0)
+    except UserError as e:
+        print(f"gpt2kit train: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(cli_main(sys.argv[1:]))
