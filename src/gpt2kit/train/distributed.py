@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -410,6 +411,15 @@ def _pg_up() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+@contextlib.contextmanager
+def _single_process_dcp_quiet() -> Iterator[None]:
+    """DCP warns that it 'assumes a single process' whenever there is no process group: here that is
+    what we mean, so the warning would only be noise to users."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def _param_names(model: nn.Module) -> dict[int, str]:
     return {id(p): name for name, p in unwrap(model).named_parameters()}
 
@@ -465,7 +475,8 @@ def save_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, pat
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
         osd = get_optimizer_state_dict(model, optimizer)
-    dcp.save({_OPTIM_KEY: osd}, checkpoint_id=str(path_dir), no_dist=not _pg_up())
+    with _single_process_dcp_quiet():
+        dcp.save({_OPTIM_KEY: osd}, checkpoint_id=str(path_dir), no_dist=not _pg_up())
 
 
 def _apply_group_hyperparams(optimizer: torch.optim.Optimizer, loaded_groups: list[dict[str, Any]],
@@ -492,7 +503,8 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, pat
             local = optimizer.optim
             _init_local_state(local)
             template = _zero_local_state_dict(model, optimizer)
-            dcp.load({_OPTIM_KEY: template}, checkpoint_id=str(path_dir), no_dist=not _pg_up())
+            with _single_process_dcp_quiet():
+                dcp.load({_OPTIM_KEY: template}, checkpoint_id=str(path_dir), no_dist=not _pg_up())
             names = _param_names(model)
             for g in local.param_groups:
                 for p in g["params"]:
@@ -504,7 +516,8 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, pat
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
         template = get_optimizer_state_dict(model, optimizer)  # initialises the state with a no-op step
-        dcp.load({_OPTIM_KEY: template}, checkpoint_id=str(path_dir), no_dist=not _pg_up())
+        with _single_process_dcp_quiet():
+            dcp.load({_OPTIM_KEY: template}, checkpoint_id=str(path_dir), no_dist=not _pg_up())
         set_optimizer_state_dict(model, optimizer, template)
     except (RuntimeError, KeyError, ValueError) as e:
         if isinstance(e, UserError):
