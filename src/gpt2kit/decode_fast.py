@@ -1,0 +1,188 @@
+"""A decode-only forward pass for CPU float32 at small batch: one new token per row, on the KV cache.
+
+Why it exists: decoding one token reads every weight once and does ~2 flops per weight, so it is bound
+by memory bandwidth. On the CPUs we measured, torch's float32 matrix-*vector* path (F.linear at batch 1)
+reads weights at well under half the memory bandwidth, while numpy's BLAS `W @ x` runs near it (see
+docs/generate.md). This module runs the same network as `gpt2kit.model.GPT2.forward` for a [B, 1] input,
+with numpy arrays that *share memory* with the model's parameters and the KV cache buffers: nothing is
+copied, the model stays the single owner of its weights, and the cache a prefill wrote through
+`model.forward` is the cache this path reads and extends.
+
+It is exact up to float32 rounding (logits agree with model.forward to ~1e-5) and is used by
+gpt2kit.generate only where it applies: CPU, float32, eval mode, batch <= MAX_BATCH.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+# Above this many rows a decode step is a real matrix-matrix product, which torch already does well.
+MAX_BATCH = 8
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of a CPU float32 tensor's storage (contiguous, so BLAS reads it in one sweep)."""
+    a = t.detach().numpy()
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
+
+
+class _Layer:
+    __slots__ = ("ln1_w", "ln1_b", "qkv_w", "qkv_b", "proj_w", "proj_b", "ln2_w", "ln2_b", "fc_w", "fc_b",
+                 "out_w", "out_b")
+
+    def __init__(self, block):
+        self.ln1_w, self.ln1_b = _np(block.ln_1.weight), _np(block.ln_1.bias)
+        self.qkv_w, self.qkv_b = _np(block.attn.c_attn.weight), _np(block.attn.c_attn.bias)
+        self.proj_w, self.proj_b = _np(block.attn.c_proj.weight), _np(block.attn.c_proj.bias)
+        self.ln2_w, self.ln2_b = _np(block.ln_2.weight), _np(block.ln_2.bias)
+        self.fc_w, self.fc_b = _np(block.mlp.c_fc.weight), _np(block.mlp.c_fc.bias)
+        self.out_w, self.out_b = _np(block.mlp.c_proj.weight), _np(block.mlp.c_proj.bias)
+
+
+class FastDecoder:
+    """`decoder(tok [B, 1], cache, mask [B, P + 1] | None, pos [B, 1] | None) -> logits [B, V]`."""
+
+    @staticmethod
+    def supports(model, batch_size: int) -> bool:
+        try:
+            blocks = model.transformer.h
+            first = blocks[0]
+            ok = (
+                first.attn.c_attn.weight.dim() == 2
+                and first.mlp.c_fc.weight.dim() == 2
+                and model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+            )
+        except (AttributeError, IndexError, TypeError):
+            return False
+        return (
+            ok
+            and model.device.type == "cpu"
+            and model.dtype == torch.float32
+            and all(p.dtype == torch.float32 and p.device.type == "cpu" for p in model.parameters())
+            and not model.training
+            and 1 <= batch_size <= MAX_BATCH
+        )
+
+    def __init__(self, model):
+        config = model.config
+        self.n_head = config.n_head
+        self.head_dim = config.n_embd // config.n_head
+        self.eps = float(config.layer_norm_epsilon)
+        self.wte = _np(model.transformer.wte.weight)  # [V, C]; also the (tied) output head
+        self.wpe = _np(model.transformer.wpe.weight)  # [n_ctx, C]
+        self.lnf_w, self.lnf_b = _np(model.transformer.ln_f.weight), _np(model.transformer.ln_f.bias)
+        self.layers = [_Layer(b) for b in model.transformer.h]
+        self._buffers: dict[int, dict[str, np.ndarray]] = {}
+        self._cache_views: tuple[int, list[np.ndarray], list[np.ndarray]] | None = None
+
+    # ----- scratch space, allocated once per batch size -----------------------------------------------
+
+    def _scratch(self, B: int) -> dict[str, np.ndarray]:
+        if B not in self._buffers:
+            C = self.wte.shape[1]
+            f32 = np.float32
+            self._buffers[B] = {
+                "h": np.empty((B, C), f32),
+                "qkv": np.empty((B, 3 * C), f32),
+                "att": np.empty((B, C), f32),
+                "proj": np.empty((B, C), f32),
+                "fc": np.empty((B, 4 * C), f32),
+                "tmp": np.empty((B, 4 * C), f32),
+                "logits": np.empty((B, self.wte.shape[0]), f32),
+            }
+        return self._buffers[B]
+
+    def _cache(self, cache) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        key = id(cache.keys[0])
+        if self._cache_views is None or self._cache_views[0] != key:
+            ks = [k.numpy() for k in cache.keys]
+            vs = [v.numpy() for v in cache.values]
+            self._cache_views = (key, ks, vs)
+        return self._cache_views[1], self._cache_views[2]
+
+    # ----- the step -----------------------------------------------------------------------------------
+
+    def __call__(self, tok: torch.Tensor, cache, mask: torch.Tensor | None, pos: torch.Tensor | None):
+        B = tok.shape[0]
+        P = cache.length
+        if P + 1 > cache.max_len:
+            from .errors import UserError
+
+            raise UserError(f"KV cache is full: {P} positions + 1 new > max_len {cache.max_len}")
+        buf = self._scratch(B)
+        keys, values = self._cache(cache)
+        ids = tok.reshape(B).numpy()
+        positions = np.full(B, P) if pos is None else pos.reshape(B).numpy()
+        x = self.wte[ids] + self.wpe[positions]  # [B, C], a fresh array: the residual stream
+        keep = None if mask is None else mask.numpy()  # [B, P + 1], True = real token
+
+        H, D = self.n_head, self.head_dim
+        C = H * D
+        scale = np.float32(1.0 / math.sqrt(D))
+        for i, L in enumerate(self.layers):
+            h = _layer_norm(x, L.ln1_w, L.ln1_b, self.eps, buf["h"])
+            qkv = _linear(h, L.qkv_w, L.qkv_b, buf["qkv"])
+            q = qkv[:, :C].reshape(B, H, 1, D)
+            K, V = keys[i], values[i]  # [B, H, max_len, D] views of the cache buffers
+            K[:, :, P, :] = qkv[:, C : 2 * C].reshape(B, H, D)
+            V[:, :, P, :] = qkv[:, 2 * C :].reshape(B, H, D)
+            scores = np.matmul(q, K[:, :, : P + 1, :].transpose(0, 1, 3, 2))  # [B, H, 1, P + 1]
+            scores *= scale
+            if keep is not None:
+                scores[~np.broadcast_to(keep[:, None, None, :], scores.shape)] = -np.inf
+            scores -= scores.max(axis=-1, keepdims=True)
+            np.exp(scores, out=scores)
+            scores /= scores.sum(axis=-1, keepdims=True)
+            y = np.matmul(scores, V[:, :, : P + 1, :])  # [B, H, 1, D]
+            att = buf["att"]
+            att[...] = y.reshape(B, H * D)
+            x += _linear(att, L.proj_w, L.proj_b, buf["proj"])
+            h = _layer_norm(x, L.ln2_w, L.ln2_b, self.eps, buf["h"])
+            f = _gelu_tanh(_linear(h, L.fc_w, L.fc_b, buf["fc"]), buf["tmp"])
+            x += _linear(f, L.out_w, L.out_b, buf["proj"])
+        cache.advance(1)
+        h = _layer_norm(x, self.lnf_w, self.lnf_b, self.eps, buf["h"])
+        logits = _linear(h, self.wte, None, buf["logits"])
+        # a view of the scratch buffer: valid until the next step, which is all a sampler needs
+        return torch.from_numpy(logits)
+
+
+def _linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, out: np.ndarray) -> np.ndarray:
+    """out = x @ w.T + b with w [out_features, in_features]; one BLAS gemv per row at batch 1."""
+    if x.shape[0] == 1:
+        np.matmul(w, x[0], out=out[0])
+    else:
+        np.matmul(x, w.T, out=out)
+    if b is not None:
+        out += b
+    return out
+
+
+def _layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float, out: np.ndarray) -> np.ndarray:
+    mean = x.mean(axis=-1, keepdims=True)
+    np.subtract(x, mean, out=out)
+    var = np.mean(out * out, axis=-1, keepdims=True)
+    out *= 1.0 / np.sqrt(var + np.float32(eps))
+    out *= w
+    out += b
+    return out
+
+
+_GELU_C = np.float32(math.sqrt(2.0 / math.pi))
+
+
+def _gelu_tanh(x: np.ndarray, tmp: np.ndarray) -> np.ndarray:
+    """GPT-2's GELU (tanh approximation), in place on x: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    np.multiply(x, x, out=tmp)
+    tmp *= np.float32(0.044715)
+    tmp += np.float32(1.0)
+    tmp *= x
+    tmp *= _GELU_C
+    np.tanh(tmp, out=tmp)
+    tmp += np.float32(1.0)
+    x *= tmp
+    x *= np.float32(0.5)
+    return x
