@@ -343,7 +343,7 @@ class Tokenizer:
             allowed = frozenset(allowed_special)
             unknown = allowed - everything
             if unknown:
-                raise UserError(
+                raise SpecialTokenError(
                     f"unknown special token {sorted(unknown)[0]!r}: this tokenizer's special tokens are "
                     f"{sorted(everything) or 'none'}"
                 )
@@ -355,7 +355,7 @@ class Tokenizer:
             disallowed = frozenset(disallowed_special)
             unknown = disallowed - everything
             if unknown:
-                raise UserError(f"unknown special token {sorted(unknown)[0]!r} in disallowed_special")
+                raise SpecialTokenError(f"unknown special token {sorted(unknown)[0]!r} in disallowed_special")
         return allowed, disallowed
 
     def _special_pattern(self, specials: frozenset[str]) -> regex.Pattern:
@@ -369,9 +369,12 @@ class Tokenizer:
     # ---------------------------------------------------------------- decoding
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         id_bytes = self._id_bytes
+        if not isinstance(ids, list):
+            ids = list(ids)
         try:
-            return b"".join([id_bytes[i] for i in ids])
-        except (IndexError, TypeError):
+            if not ids or min(ids) >= 0:  # negative ids would index from the end
+                return b"".join([id_bytes[i] for i in ids])
+        except (IndexError, TypeError):  # too large, a gap (None), or not an int
             pass
         for i in ids:  # slow path only to name the offending id
             if not isinstance(i, int) or i < 0 or i >= self._n_vocab or id_bytes[i] is None:

@@ -134,7 +134,9 @@ def count_words(
         loads[j] += size
     import multiprocessing as mp
 
-    ctx = mp.get_context("spawn")  # fork is unsafe with threads (tiktoken, torch) in the parent
+    # fork: workers need nothing but this module, and "spawn" would re-run a user's script that lacks an
+    # `if __name__ == "__main__"` guard. Workers only run `regex` and `Counter`, no locks from the parent.
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     total: Counter = Counter()
     with ctx.Pool(workers) as pool:
         for counts in pool.imap_unordered(
