@@ -184,3 +184,27 @@ def test_metrics_from_one_nll():
     assert close(s.bits_per_token, 2.0 / math.log(2))
     assert close(s.bpc, 100 / math.log(2) / 200) and close(s.bpb, 100 / math.log(2) / 250)
     assert close(s.word_ppl, math.exp(100 / 40))
+
+
+def test_head_at_scored_positions_only_gives_the_full_head_numbers():
+    from gpt2kit.model import GPT2, GPT2Config
+
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config(vocab_size=300, n_ctx=32, n_layer=2, n_head=2, n_embd=32, eos_token_id=299)).eval()
+    rng = random.Random(1)
+    requests = [Request([rng.randrange(300) for _ in range(rng.randint(1, 20))],
+                        [rng.randrange(300) for _ in range(rng.randint(1, 6))]) for _ in range(9)]
+    fast = score_requests(model, requests, batch_size=4, keep_token_logprobs=True)
+    full = score_requests(model, requests, batch_size=4, keep_token_logprobs=True, select_positions=False)
+    for a, b in zip(fast, full):
+        assert a.greedy == b.greedy
+        assert all(close(x, y) for x, y in zip(a.token_logprobs, b.token_logprobs))
+    assert isinstance(model.lm_head, torch.nn.Linear)  # the head is put back
+    # and the numbers are the model's own: log_softmax of its logits at the continuation positions
+    r = requests[0]
+    ids = torch.tensor([list(r.context) + list(r.continuation)])
+    with torch.no_grad():
+        lp = torch.log_softmax(model(ids).logits[0].double(), -1)
+    n = len(r.context)
+    expected = [float(lp[n - 1 + i, t]) for i, t in enumerate(r.continuation)]
+    assert all(close(x, y, 1e-4) for x, y in zip(fast[0].token_logprobs, expected))

@@ -9,8 +9,9 @@ the model's argmax ("greedy"). This is lm-evaluation-harness's `loglikelihood`:
 - requests are sorted longest first (a batch that does not fit in memory fails at once, and rows of a
   batch have similar lengths) and right-padded; causal attention means padding after a row's last real
   token cannot change that row's logits, so no attention mask is needed;
-- log-softmax is taken in float32 only at the scored positions, so a big vocabulary does not double the
-  memory of the logits.
+- the output head runs only at the scored positions (see `_HeadAtPositions`) and log-softmax is taken
+  there in float32: for GPT-2 the head is the largest matrix product, and a task scores a handful of
+  positions per row, so most of the [B, T, V] logits would be computed only to be thrown away.
 
 A "model" is anything callable as `model(idx)` returning an object with `.logits` of shape [B, T, V]
 (gpt2kit's GPT2, transformers' GPT2LMHeadModel, or a hand-made module in tests); its context length is
@@ -19,6 +20,7 @@ A "model" is anything callable as `model(idx)` returning an object with `.logits
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -60,6 +62,33 @@ def model_device(model) -> torch.device:
         return torch.device("cpu")
 
 
+class _HeadAtPositions(torch.nn.Module):
+    """Stands in for `model.lm_head` for one call: applies the head to the hidden states at the given
+    (row, column) positions only, returning logits [1, N, V] in that order.
+
+    GPT-2 implementations (gpt2kit's GPT2, transformers' GPT2LMHeadModel, quantized variants) end with
+    `logits = self.lm_head(hidden)`, so swapping the module is enough; the result is the same numbers
+    as the full head at those positions (a matrix product row by row).
+    """
+
+    def __init__(self, head: torch.nn.Module, rows: torch.Tensor, cols: torch.Tensor):
+        super().__init__()
+        self.head, self.rows, self.cols = head, rows, cols
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden[self.rows, self.cols].unsqueeze(0))
+
+
+@contextlib.contextmanager
+def _head_at_positions(model, rows: torch.Tensor, cols: torch.Tensor):
+    head = model.lm_head
+    model.lm_head = _HeadAtPositions(head, rows, cols)
+    try:
+        yield
+    finally:
+        model.lm_head = head
+
+
 def _model_input(request: Request, n_ctx: int) -> list[int]:
     if len(request.context) == 0:
         raise ValueError("a request's context must hold at least one token (use EOS for no context)")
@@ -83,8 +112,13 @@ def score_requests(
     keep_token_logprobs: bool = False,
     progress: bool = False,
     desc: str = "scoring",
+    select_positions: bool = True,
 ) -> list[Score]:
-    """Score every request; results come back in the order of `requests`."""
+    """Score every request; results come back in the order of `requests`.
+
+    select_positions: run the model's `lm_head` (when it has one) only where a token is scored;
+    False computes the full logits and picks the same rows from them.
+    """
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     n_ctx = n_ctx or model_context_length(model)
@@ -113,8 +147,12 @@ def score_requests(
                 cols.extend(range(first, len(inp)))
                 targets.extend(cont)
                 counts.append(len(cont))
-            logits = model(idx.to(device)).logits
-            picked = logits[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
+            row_t, col_t = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
+            if select_positions and isinstance(getattr(model, "lm_head", None), torch.nn.Module):
+                with _head_at_positions(model, row_t, col_t):
+                    picked = model(idx.to(device)).logits[0]
+            else:
+                picked = model(idx.to(device)).logits[row_t, col_t]
             logprobs = torch.log_softmax(picked.float(), dim=-1)
             target = torch.tensor(targets, device=device)
             token_lp = logprobs.gather(1, target[:, None])[:, 0].double().cpu()
