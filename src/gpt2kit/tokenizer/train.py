@@ -29,6 +29,8 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import regex
+
 from ..errors import UserError
 from .pretokenize import byte_order, gpt2_regex, make_normalizer
 
@@ -57,21 +59,26 @@ def read_text_file(path: Path, errors: str = "strict") -> str:
         ) from None
 
 
+_CUT_POINT = regex.compile(r"\S(?=\n)")
+
+
 def split_for_workers(text: str, size: int = CHUNK_CHARS) -> list[str]:
-    """Cut `text` into pieces of about `size` characters at points where the GPT-2 pattern always
-    ends a piece (just after a newline that is followed by a non-space character), so counting the
-    pieces separately gives exactly the counts of the whole."""
+    r"""Cut `text` into pieces of about `size` characters where the GPT-2 pattern always ends a piece,
+    so counting the pieces separately gives exactly the counts of the whole.
+
+    The cut goes between a non-space character and a newline: no piece of the pattern spans
+    non-space and whitespace, and the text after the cut is split as if it started there (the pattern
+    has no look-behind). Cutting inside a whitespace run would not be safe (`\s+(?!\S)` and `\s++$`
+    look at what follows).
+    """
     chunks = []
     start = 0
-    n = len(text)
-    while n - start > size:
-        cut = text.find("\n", start + size)
-        while cut != -1 and cut + 1 < n and text[cut + 1].isspace():
-            cut = text.find("\n", cut + 1)
-        if cut == -1 or cut + 1 >= n:
+    while len(text) - start > size:
+        m = _CUT_POINT.search(text, start + size)
+        if m is None:
             break
-        chunks.append(text[start : cut + 1])
-        start = cut + 1
+        chunks.append(text[start : m.end()])
+        start = m.end()
     chunks.append(text[start:])
     return chunks
 
