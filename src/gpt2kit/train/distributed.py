@@ -494,6 +494,7 @@ def _apply_group_hyperparams(optimizer: torch.optim.Optimizer, loaded_groups: li
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, path_dir: str | Path) -> None:
     """Load what `save_optimizer_state` wrote, whatever world size and strategy wrote it (a collective)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     path_dir = Path(path_dir)
     if not (path_dir / ".metadata").is_file():
@@ -519,7 +520,17 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, pat
         with _single_process_dcp_quiet():
             dcp.load({_OPTIM_KEY: template}, checkpoint_id=str(path_dir), no_dist=not _pg_up())
         set_optimizer_state_dict(model, optimizer, template)
-    except (RuntimeError, KeyError, ValueError) as e:
-        if isinstance(e, UserError):
-            raise
-        raise UserError(f"{path_dir}: optimizer checkpoint does not fit this model/optimizer ({e})") from e
+    except UserError:
+        raise
+    except (RuntimeError, KeyError, ValueError, CheckpointException) as e:
+        raise UserError(f"{path_dir}: optimizer checkpoint does not fit this model/optimizer ({_cause(e)})") from e
+
+
+def _cause(e: BaseException) -> str:
+    """One line: DCP wraps each rank's error with its traceback; the last line is the reason."""
+    if hasattr(e, "failures") and e.failures:  # CheckpointException
+        e = next(iter(e.failures.values()))
+        if isinstance(e, tuple):  # (exception, traceback frames)
+            e = e[0]
+    lines = [line for line in str(e).strip().splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[-1] if lines else ''}"
