@@ -4,7 +4,7 @@ WikiText and PTB were released already split into words ("did n't", "1 @,@ 000",
 which a byte-level BPE model never saw in training. The GPT-2 paper scores such text through
 "invertible detokenizers" that undo these artifacts, while still normalising by the units of the
 *original* text (words, bytes) so results remain comparable. OpenAI did not publish theirs; these follow
-the rules the community settled on (Megatron-LM and lm-evaluation-harness use the same set): each rule is
+rules modelled on those of Megatron-LM and lm-evaluation-harness: each rule is
 a fixed, deterministic rewrite of one artifact, applied in a fixed order.
 """
 
@@ -18,6 +18,9 @@ _CLITIC = re.compile(r" (n't|'s|'m|'re|'ve|'ll|'d)(?=[\s.,;:!?)\]}]|$)")
 # WikiText splits "didn't" as "didn 't" rather than "did n't".
 _WIKI_NT = re.compile(r"n 't(?=[\s.,;:!?]|$)")
 _SPACED_PUNCT = re.compile(r" ([.,;:!?%])(?= |$)", re.MULTILINE)
+# Every line of the raw files starts and ends with one space.
+_LINE_EDGE_SPACE = re.compile(r"^ | $", re.MULTILINE)
+_PTB_NUMBER = re.compile(r"(?<!\S)N(?!\S)")  # PTB writes every number as the token N
 
 
 def _pair(open_: str, close: str) -> re.Pattern:
@@ -51,18 +54,15 @@ def wikitext_detokenize(text: str) -> str:
     # Section headings: "= = History = =" -> "== History =="
     text = text.replace("= = = =", "====").replace("= = =", "===").replace("= =", "==")
     text = text.replace(" \N{DEGREE SIGN} ", "\N{DEGREE SIGN}")
-    # Every line starts and ends with a space in the raw files.
-    text = text.replace(" \n", "\n").replace("\n ", "\n")
-    return text
+    return _LINE_EDGE_SPACE.sub("", text)
 
 
 def ptb_detokenize(text: str) -> str:
     """Undo Penn Treebank's tokenization: clitics rejoined, ' N ' (any number) written as a digit."""
     text = _CLITIC.sub(r"\1", text)
     text = text.replace("s ' ", "s' ")
-    text = text.replace(" N ", " 1 ").replace("$ 1", "$1").replace("# 1", "#1")
-    text = text.replace(" \n", "\n").replace("\n ", "\n")
-    return text
+    text = _PTB_NUMBER.sub("1", text).replace("$ 1", "$1").replace("# 1", "#1")
+    return _LINE_EDGE_SPACE.sub("", text)
 
 
 DETOKENIZERS: dict[str, Callable[[str], str]] = {
