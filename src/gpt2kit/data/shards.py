@@ -104,7 +104,8 @@ def _init_worker(tokenizer_dir: str | None, dtype: str, sketch: dict | None) -> 
         if tokenizer_dir is None:
             raise RuntimeError("worker has no tokenizer")
         tok = Tokenizer.from_pretrained(tokenizer_dir)
-    _WORKER.update(tokenizer=tok, tokenizer_dir=tokenizer_dir, dtype=DTYPES[dtype], sketch=sketch)
+    _WORKER.update(tokenizer=tok, tokenizer_dir=tokenizer_dir, dtype=DTYPES[dtype], sketch=sketch,
+                   encode=_encoder(tok))
 
 
 def _encoder(tok):
@@ -127,9 +128,7 @@ class EncodedPiece:
 
 def _encode_task(texts: list[tuple[str, bool]]) -> list[EncodedPiece]:
     tok, dtype, sketch = _WORKER["tokenizer"], _WORKER["dtype"], _WORKER["sketch"]
-    encode = _WORKER.get("encode")
-    if encode is None:
-        encode = _WORKER["encode"] = _encoder(tok)
+    encode = _WORKER["encode"]
     out = []
     for text, whole in texts:
         text = tok.normalize(text)
