@@ -9,9 +9,9 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import shared_path
 from datatest_helpers import EOS, random_text, small_tokenizer, write_text
 
+from conftest import shared_path
 from gpt2kit.cli import main
 from gpt2kit.data import iter_split_documents, read_meta
 from gpt2kit.data.meta import document_ends
@@ -145,7 +145,7 @@ def test_jsonl_parquet_and_stdin_readers(tok_dir, tmp_path, monkeypatch):
     prepare([str(tmp_path / "d.parquet")], tok_dir, out, workers=1, progress=False)
     assert list(iter_split_documents(out, "train", tok)) == texts
 
-    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("a\n\nb\n\nc".encode())))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"a\n\nb\n\nc")))
     out = tmp_path / "s"
     prepare(["-"], tok_dir, out, read=ReadOptions(split_on="\n\n"), workers=1, dedup=False, progress=False)
     assert list(iter_split_documents(out, "train", tok)) == ["a", "b", "c"]
