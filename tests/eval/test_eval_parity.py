@@ -181,3 +181,28 @@ def test_cli_bad_input_is_one_line_and_exit_2(checkpoint, tmp_path, capsys, gpt2
     text = tmp_path / "t.txt"
     text.write_text("hello world\n")
     assert "vocab" in fails(small_dir, "--tokenizer", gpt2_files_dir, "--text", text)
+
+
+def test_cli_reads_a_hugging_face_directory(tmp_path, capsys, gpt2_files_dir):
+    """DIR written by transformers itself (GPT2LMHeadModel.save_pretrained + GPT2TokenizerFast)."""
+    from transformers import GPT2Config as HFConfig
+    from transformers import GPT2LMHeadModel, GPT2TokenizerFast
+
+    from gpt2kit.tokenizer import Tokenizer
+
+    files = tmp_path / "tokfiles"
+    Tokenizer.from_pretrained(gpt2_files_dir).save(files)
+    hf_dir = tmp_path / "hf"
+    torch.manual_seed(1)
+    model = GPT2LMHeadModel(HFConfig(n_layer=1, n_head=2, n_embd=32, n_positions=64)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)  # tied to wte: sharper, non-uniform predictions
+    model.save_pretrained(hf_dir)
+    GPT2TokenizerFast.from_pretrained(files).save_pretrained(hf_dir)
+    for name in ("vocab.json", "merges.txt"):  # as in the hub's gpt2 folder (transformers 5 writes only
+        (hf_dir / name).write_bytes((files / name).read_bytes())  # tokenizer.json)
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 12, encoding="utf-8")
+    ref_ppl, ref_tokens = hf_sliding_window_ppl(hf_dir, text.read_text(encoding="utf-8"), 16)
+    r = eval_json(capsys, hf_dir, "--text", text, "--stride", 16)
+    assert r["tokens"] == ref_tokens and r["ppl"] == pytest.approx(ref_ppl, rel=1e-4)

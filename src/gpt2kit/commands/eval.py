@@ -105,6 +105,8 @@ def run(args) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be at least 1, got {args.limit}")
+    if args.text and args.file:
+        raise UserError("--file goes with --task; for perplexity of a text file use --text alone")
     if args.task and not args.file:
         raise UserError(f"--task {args.task} needs --file with its examples")
     if args.task == "classify" and not args.labels:
