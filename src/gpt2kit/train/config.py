@@ -75,6 +75,7 @@ class RunCfg:
     strategy: str = "ddp"  # ddp | fsdp | zero1 (used under torchrun)
     reshard_after_forward: bool = True  # fsdp: ZeRO-3 (True) or ZeRO-2 style (False)
     max_bad_steps: int = 5  # non-finite losses in a row that stop the run
+    time_limit: float = 0.0  # seconds of training (0: none); max_steps is lowered to fit, early in the run
     tensorboard: bool = False
     progress: bool = True
     threads: int = 0  # torch CPU threads (0: torch's default)
@@ -248,7 +249,7 @@ def validate(cfg: TrainConfig) -> None:
     for k, v in positive.items():
         if v < 1:
             raise UserError(f"{flag_name(k)} must be >= 1, got {v}")
-    for k in ("eval_every", "save_every", "warmup_steps", "eval_batches", "eval_batch_size", "threads"):
+    for k in ("eval_every", "save_every", "warmup_steps", "eval_batches", "eval_batch_size", "threads", "time_limit"):
         v = getattr(getattr(cfg, KEYS[k][0]), k)
         if v < 0:
             raise UserError(f"{flag_name(k)} must be >= 0, got {v}")

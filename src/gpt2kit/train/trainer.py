@@ -614,6 +614,7 @@ class Trainer:
         train_loss: float | None = None
         history: list[dict[str, Any]] = []
         stopped_by: str | None = None
+        time_check = {"first_step": self.step, "t_after_first": None, "fitted": False, "limit": r.time_limit}
         try:
             with StopRequest(self.log if env.is_main else (lambda m: None)) as stop:
                 while self.step < r.max_steps:
@@ -644,6 +645,9 @@ class Trainer:
                         window_loss += stats.loss
                         window_steps += 1
                         bar.update(1)
+                    if applied and time_check["limit"]:
+                        self._fit_time_limit(time.perf_counter() - t_start, time_check)
+                        bar.total = r.max_steps
                     if stop_after is not None and self.step >= stop_after and stop.requested is None:
                         stop.requested = "stop_after"
                     stop_now = dist_api.any_rank(stop.requested is not None, env)
@@ -710,6 +714,38 @@ class Trainer:
             tokens_per_s=(self.tokens_seen - tokens_at_start) / max(wall, 1e-9),
             history=history,
         )
+
+    def _fit_time_limit(self, elapsed: float, check: dict[str, Any]) -> None:
+        """`time_limit`: after a few timed steps, lower max_steps so training ends within the limit.
+
+        The first step (allocations, compilation) is left out of the rate. The new max_steps is decided
+        once, early (during warm-up by default), so the cosine schedule decays smoothly to the new end;
+        it is written to config.toml so a resume uses it. A run slower than predicted still stops at 1.15x
+        the limit: max_steps is then set to the current step.
+        """
+        r = self.cfg.run
+        limit = check["limit"]
+        done = self.step - check["first_step"]
+        if done == 1:
+            check["t_after_first"] = elapsed
+        measured = done - 1
+        new_max = None
+        if not check["fitted"] and measured >= max(3, min(20, self.cfg.optim.warmup_steps // 2)):
+            rate = (elapsed - check["t_after_first"]) / measured  # seconds per step
+            fit = self.step + int(max(0.0, limit - elapsed) / max(rate, 1e-9))
+            check["fitted"] = True
+            if fit < r.max_steps:
+                new_max = max(fit, self.step + 1)
+        elif elapsed > 1.15 * limit and self.step < r.max_steps:
+            new_max = self.step
+        if new_max is None:
+            return
+        values = dist_api.all_reduce_mean(float(new_max), self.env) if self.env.world_size > 1 else new_max
+        r.max_steps = int(values)
+        r.time_limit = 0.0
+        if self.env.is_main:
+            self.log(f"note: --time-limit: training ends at step {r.max_steps} to fit the time limit")
+            atomic_write_text(self.run_dir / "config.toml", to_toml(self.cfg))
 
     def _eval_and_keep_best(self, history: list[dict[str, Any]]) -> dict[str, float] | None:
         if self.meta["splits"]["val"]["tokens"] < 2:

@@ -1,0 +1,150 @@
+"""The main job, `gpt2kit train` with no arguments: raw text to a trained, evaluated GPT-2 in ~5 minutes.
+
+1. corpus: a deterministic third of the Python standard library's own modules (no tests), ~3.3 MB of
+   the built-in default corpus, so nothing is downloaded;
+2. tokenizer + shards: a 4096-token byte-level BPE learned on it, then de-duplicated token shards with a
+   5% validation split (`gpt2kit.data.prepare`);
+3. training: a 4-layer, 256-wide GPT-2 (4.3M parameters), context 256, bf16 autocast where the CPU
+   has bf16 instructions, cosine schedule; `time_limit` keeps the whole job within its budget on a
+   slower or busy machine by ending the schedule earlier;
+4. report: validation loss, perplexity, bits per character, and a sample; the checkpoint directory opens
+   in `transformers.GPT2LMHeadModel.from_pretrained`.
+
+Any training flag overrides the defaults, e.g. `gpt2kit train --max-steps 100 --out runs/quick`.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+
+BUDGET_S = 300.0  # the whole job, on 2 CPU cores
+REPORT_RESERVE_S = 25.0  # final evaluation, checkpoint, sample
+CORPUS_STRIDE = 3  # every third standard-library module
+VOCAB_SIZE = 4096
+VAL_FRACTION = 0.05
+SAMPLE_PROMPT = "def "
+
+DEFAULTS: dict[str, Any] = {
+    "preset": "gpt2-mini",
+    "n_layer": 4,
+    "n_head": 4,
+    "n_embd": 256,
+    "n_ctx": 256,
+    "dropout": 0.0,
+    "attn_dropout": 0.0,
+    "block_size": 256,
+    "batch_size": 8,
+    "eval_batches": 40,
+    "lr": 2e-3,
+    "min_lr": 1e-4,
+    "warmup_steps": 40,
+    "schedule": "cosine",
+    "max_steps": 1000,
+    "eval_every": 250,
+    "save_every": 250,
+    "keep_last": 2,
+    "log_every": 10,
+    "seed": 1337,
+}
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _free_run_dir(base: Path = Path("runs")) -> Path:
+    """runs/main-job, or runs/main-job-2, -3, ...: a previous run is never overwritten."""
+    candidate, n = base / "main-job", 1
+    while candidate.exists():
+        n += 1
+        candidate = base / f"main-job-{n}"
+    return candidate
+
+
+def corpus_files() -> list[str]:
+    """The standard library's own modules (its test suites left out), every CORPUS_STRIDE-th file."""
+    from ..data import default_corpus_files
+
+    skip = ("/test/", "/tests/", "/idle_test/", "\\test\\", "\\tests\\", "\\idle_test\\")
+    files = [str(f) for f in default_corpus_files() if not any(s in str(f) for s in skip)]
+    if not files:
+        raise UserError("the default corpus is empty: this interpreter ships no standard-library sources")
+    return files[::CORPUS_STRIDE]
+
+
+def _fast_bf16(device: str) -> bool:
+    import torch
+
+    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+        return torch.cuda.is_bf16_supported()
+    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    return bool(check and check())
+
+
+def run_main_job(overrides: dict[str, Any], overwrite: bool = False) -> int:
+    t0 = time.perf_counter()
+    from ..data.readers import ReadOptions
+    from ..data.shards import prepare
+    from .config import build_config
+    from .trainer import Trainer
+
+    out = Path(overrides.pop("out", "") or _free_run_dir())
+    data_dir = out / "data"
+    files = corpus_files()
+    _say(f"gpt2kit main job -> {out}")
+    _say(f"[1/4] corpus: {len(files)} standard-library modules; tokenizer ({VOCAB_SIZE} tokens) and shards")
+    prepare(
+        files, None, data_dir, val_fraction=VAL_FRACTION, seed=0, workers=2,
+        read=ReadOptions(errors="replace"), train_tokenizer_vocab=VOCAB_SIZE, overwrite=overwrite,
+        progress=False, log=_say,
+    )
+    device = str(overrides.get("device", "auto"))
+    flags = {**DEFAULTS, "dtype": "bf16" if _fast_bf16(device) else "fp32"}
+    flags.update(overrides)
+    flags["data"], flags["out"] = str(data_dir), str(out)
+    spent = time.perf_counter() - t0
+    if "time_limit" not in overrides:
+        flags["time_limit"] = max(30.0, BUDGET_S - REPORT_RESERVE_S - spent - 5.0)
+    cfg = build_config(flags)
+    _say(f"[2/4] training (dtype {cfg.run.dtype}; up to {cfg.run.max_steps} steps, "
+         f"time limit {cfg.run.time_limit:.0f} s)")
+    trainer = Trainer(cfg, overwrite=overwrite)
+    try:
+        result = trainer.fit()
+        _say("[3/4] evaluation and sample")
+        sample = _sample(trainer)
+    finally:
+        trainer.close()
+    v = result.val or {}
+    print(f"validation: loss {v.get('val_loss', math.nan):.4f} nats/token, perplexity {v.get('val_ppl', math.nan):.2f}, "
+          f"bits per character {v.get('val_bpc', math.nan):.4f} (bits per byte {v.get('val_bpb', math.nan):.4f})")
+    print(f"train loss {result.train_loss:.4f} after {result.step} steps, {result.tokens_per_s:,.0f} tokens/s")
+    print(f"sample (prompt {SAMPLE_PROMPT!r}, temperature 0.8, top-k 40):")
+    print("-" * 60)
+    print(sample)
+    print("-" * 60)
+    print(f"[4/4] checkpoint: {result.last_checkpoint}  (best: {result.best_dir})")
+    print(f"      transformers.GPT2LMHeadModel.from_pretrained({str(result.last_checkpoint)!r}) opens it;")
+    print(f"      gpt2kit generate {result.last_checkpoint} --prompt 'import '")
+    print(f"total time {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def _sample(trainer) -> str:
+    import torch
+
+    tok = trainer.tokenizer
+    if tok is None:
+        return "(no tokenizer)"
+    model = trainer.bare
+    model.eval()
+    idx = torch.tensor([tok.encode_ordinary(SAMPLE_PROMPT)], device=trainer.device)
+    with torch.no_grad(), trainer.autocast():
+        ids = model.generate(idx, max_new_tokens=120, temperature=0.8, top_k=40, seed=0, eos_id=tok.eos_id)
+    return tok.decode([i for i in ids[0].tolist() if i != tok.eos_id])
