@@ -206,3 +206,11 @@ def test_cli_reads_a_hugging_face_directory(tmp_path, capsys, gpt2_files_dir):
     ref_ppl, ref_tokens = hf_sliding_window_ppl(hf_dir, text.read_text(encoding="utf-8"), 16)
     r = eval_json(capsys, hf_dir, "--text", text, "--stride", 16)
     assert r["tokens"] == ref_tokens and r["ppl"] == pytest.approx(ref_ppl, rel=1e-4)
+    # the scoring core also takes transformers' model object itself; its lm_head runs at scored rows only
+    from gpt2kit.eval.scoring import Request, score_requests
+
+    hf_model = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    requests = [Request([464, 2068, 7586], [21831, 18045]), Request([40], [716, 257, 3797])]
+    fast = score_requests(hf_model, requests, batch_size=2)
+    full = score_requests(hf_model, requests, batch_size=2, select_positions=False)
+    assert [a.logprob for a in fast] == pytest.approx([b.logprob for b in full], rel=1e-5)
