@@ -716,35 +716,34 @@ class Trainer:
         )
 
     def _fit_time_limit(self, elapsed: float, check: dict[str, Any]) -> None:
-        """`time_limit`: after a few timed steps, lower max_steps so training ends within the limit.
+        """`time_limit`: from the measured seconds per step, lower max_steps so training ends in time.
 
-        The first step (allocations, compilation) is left out of the rate. The new max_steps is decided
-        once, early (during warm-up by default), so the cosine schedule decays smoothly to the new end;
-        it is written to config.toml so a resume uses it. A run slower than predicted still stops at 1.15x
-        the limit: max_steps is then set to the current step.
+        The first step (allocations, compilation) is left out of the rate. The first fit comes after 5
+        timed steps (inside the warm-up, so the cosine decays smoothly to the new end), then the
+        projection is checked every 50 steps and max_steps only ever goes down (a busy machine). The
+        new max_steps is written to config.toml, so a resume uses it.
         """
         r = self.cfg.run
         limit = check["limit"]
         done = self.step - check["first_step"]
         if done == 1:
             check["t_after_first"] = elapsed
-        measured = done - 1
-        new_max = None
-        if not check["fitted"] and measured >= max(3, min(20, self.cfg.optim.warmup_steps // 2)):
-            rate = (elapsed - check["t_after_first"]) / measured  # seconds per step
-            fit = self.step + int(max(0.0, limit - elapsed) / max(rate, 1e-9))
-            check["fitted"] = True
-            if fit < r.max_steps:
-                new_max = max(fit, self.step + 1)
-        elif elapsed > 1.15 * limit and self.step < r.max_steps:
-            new_max = self.step
-        if new_max is None:
+            check["next_fit"] = self.step + 5
+        if check["t_after_first"] is None or self.step < check.get("next_fit", 0):
             return
-        values = dist_api.all_reduce_mean(float(new_max), self.env) if self.env.world_size > 1 else new_max
-        r.max_steps = int(values)
-        r.time_limit = 0.0
+        check["next_fit"] = self.step + 50
+        rate = (elapsed - check["t_after_first"]) / max(done - 1, 1)  # seconds per step
+        fit = self.step + int(max(0.0, limit - elapsed) / max(rate, 1e-9))
+        if self.env.world_size > 1:  # every rank must end at the same step: the slowest decides
+            t = torch.tensor(float(fit), device=self.device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+            fit = int(t.item())
+        if fit >= r.max_steps or (check["fitted"] and fit >= 0.97 * r.max_steps):
+            return
+        check["fitted"] = True
+        r.max_steps = max(fit, self.step)
         if self.env.is_main:
-            self.log(f"note: --time-limit: training ends at step {r.max_steps} to fit the time limit")
+            self.log(f"note: --time-limit {limit:.0f}s: training ends at step {r.max_steps}")
             atomic_write_text(self.run_dir / "config.toml", to_toml(self.cfg))
 
     def _eval_and_keep_best(self, history: list[dict[str, Any]]) -> dict[str, float] | None:
