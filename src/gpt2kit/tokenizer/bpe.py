@@ -16,6 +16,7 @@ def replace_surrogates(text: str) -> str:
     return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
+NO_MERGE = 1 << 62  # larger than any id
 PAIR_SHIFT = 32  # pair (a, b) -> the int key a << 32 | b: hashing one int is cheaper than a tuple
 
 
@@ -34,26 +35,26 @@ class ReferenceBPE:
         self.pattern = gpt2_regex()
 
     def bpe(self, ids: list[int]) -> list[int]:
-        """Apply the merges to one pre-tokenized piece given as base ids."""
-        pair_to_id = self.pair_to_id
-        while len(ids) > 1:
-            best = None
-            for i in range(len(ids) - 1):
-                new_id = pair_to_id.get(ids[i] << PAIR_SHIFT | ids[i + 1])
-                if new_id is not None and (best is None or new_id < best):
-                    best, a, b = new_id, ids[i], ids[i + 1]
-            if best is None:
+        """Apply the merges to one pre-tokenized piece given as base ids (the list is modified).
+
+        `ranks[i]` is the merged id of the pair (ids[i], ids[i+1]), or NO_MERGE. Merging the leftmost
+        pair of lowest rank, one at a time, is OpenAI's "merge every occurrence of the best pair" in a
+        different order: a merge only creates pairs of higher rank, so the best pair stays best until
+        all its occurrences are merged. Only the two neighbouring ranks change after a merge.
+        """
+        get = self.pair_to_id.get
+        ranks = [get(ids[i] << PAIR_SHIFT | ids[i + 1], NO_MERGE) for i in range(len(ids) - 1)]
+        while ranks:
+            best = min(ranks)
+            if best == NO_MERGE:
                 break
-            merged: list[int] = []
-            i, n = 0, len(ids)
-            while i < n:
-                if i < n - 1 and ids[i] == a and ids[i + 1] == b:
-                    merged.append(best)
-                    i += 2
-                else:
-                    merged.append(ids[i])
-                    i += 1
-            ids = merged
+            i = ranks.index(best)
+            ids[i] = best
+            del ids[i + 1], ranks[i]
+            if i > 0:
+                ranks[i - 1] = get(ids[i - 1] << PAIR_SHIFT | best, NO_MERGE)
+            if i < len(ranks):
+                ranks[i] = get(best << PAIR_SHIFT | ids[i + 1], NO_MERGE)
         return ids
 
     def encode_piece(self, piece: str) -> list[int]:

@@ -169,7 +169,7 @@ def merge_words(
     `first_id`). Returns the merges as (left id, right id); merge k created id first_id + k.
     """
     pair_counts: dict[int, int] = {}
-    where: dict[int, set[int]] = {}
+    where: dict[int, set[int]] = {}  # pair -> words that held it when it was counted
     for wi, w in enumerate(words):
         f = freqs[wi]
         for i in range(len(w) - 1):
@@ -189,6 +189,7 @@ def merge_words(
     bar = tqdm(total=n_merges, desc="merges", unit="merge", disable=not progress, mininterval=0.5)
     merges: list[tuple[int, int]] = []
     new_id = first_id
+    skipped = 0
     heappop, heappush = heapq.heappop, heapq.heappush
     pc_get = pair_counts.get
     while len(merges) < n_merges and heap:
@@ -202,65 +203,70 @@ def merge_words(
             break
         a, b = key >> SHIFT, key & MASK
         merged_bytes = token_bytes[a] + token_bytes[b]
+        if merged_bytes in known_tokens:
+            # Same bytes as an earlier token (see module docstring): never merge this pair. Its count
+            # stays tracked (words still hold it); it simply never returns to the heap.
+            skipped += 1
+            continue
         del pair_counts[key]
         rows = where.pop(key, ())
-        if merged_bytes in known_tokens:  # same bytes as an earlier token: skip (see module docstring)
-            continue
         known_tokens.add(merged_bytes)
         token_bytes.append(merged_bytes)
         merges.append((a, b))
         new = new_id
         new_id += 1
-        touched: set[int] = set()
+        # Pairs that contain `new` did not exist before this merge: count them apart, push them at the end.
+        new_counts: dict[int, int] = {}
+        new_where: dict[int, list[int]] = {}
+        nc_get = new_counts.get
         for wi in rows:
             w = words[wi]
-            n = len(w)
-            try:
-                i = w.index(a)
-            except ValueError:
+            if a not in w:  # stale member of the index
                 continue
             f = freqs[wi]
-            out = w[:i]
-            found = False
-            while i < n:
-                if w[i] == a and i + 1 < n and w[i + 1] == b:
-                    found = True
-                    if out:
-                        x = out[-1]
-                        k = x << SHIFT | a
-                        if k != key:
-                            pair_counts[k] -= f
-                        k = x << SHIFT | new
-                        pair_counts[k] = pc_get(k, 0) + f
-                        touched.add(k)
-                        s = where.get(k)
-                        if s is None:
-                            where[k] = {wi}
+            i = w.index(a)
+            n = len(w)
+            while True:
+                if i + 1 < n and w[i + 1] == b:
+                    # Left neighbour as it is now (it may be `new` from the previous occurrence: then the
+                    # (new, a) pair counted a moment ago is taken back), right neighbour as it was.
+                    if i:
+                        x = w[i - 1]
+                        if x == new:
+                            k = new << SHIFT | a
+                            new_counts[k] -= f
                         else:
-                            s.add(wi)
+                            k = x << SHIFT | a
+                            if k != key:
+                                pair_counts[k] -= f
+                        k = x << SHIFT | new
+                        new_counts[k] = nc_get(k, 0) + f
+                        if k in new_where:
+                            new_where[k].append(wi)
+                        else:
+                            new_where[k] = [wi]
                     if i + 2 < n:
                         y = w[i + 2]
                         k = b << SHIFT | y
                         if k != key:
                             pair_counts[k] -= f
                         k = new << SHIFT | y
-                        pair_counts[k] = pc_get(k, 0) + f
-                        touched.add(k)
-                        s = where.get(k)
-                        if s is None:
-                            where[k] = {wi}
+                        new_counts[k] = nc_get(k, 0) + f
+                        if k in new_where:
+                            new_where[k].append(wi)
                         else:
-                            s.add(wi)
-                    out.append(new)
-                    i += 2
-                else:
-                    out.append(w[i])
-                    i += 1
-            if found:
-                words[wi] = out
-        for k in touched:
-            c = pair_counts[k]
+                            new_where[k] = [wi]
+                    w[i] = new
+                    del w[i + 1]
+                    n -= 1
+                i += 1
+                if i >= n - 1 or a not in w[i:]:
+                    break
+                i = w.index(a, i)
+        for k, c in new_counts.items():
             if c > 0:
+                pair_counts[k] = c
+                where[k] = set(new_where[k])
                 heappush(heap, (-c, k))
         if len(merges) % 256 == 0:
             bar.update(256)
