@@ -69,11 +69,15 @@ def parity_check():
     emit(check="parity_gpu_vs_cpu_float64", fp32_rel_err=rel(gpu), bf16_autocast_rel_err=rel(gpu_bf16))
 
 
-def train_step_bench(batch_size: int, steps: int, peak: float, compile_: bool, force_flash: bool):
+def train_step_bench(batch_size: int, steps: int, peak: float, compile_: bool, force_flash: bool,
+                     loss_chunk: int = 0, plain_loss: bool = False):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from gpt2kit.model import GPT2, GPT2Config
+    from gpt2kit.model import loss as loss_module
 
+    if loss_chunk:  # logits per chunk of the fused head + cross-entropy (CPU-tuned default: 2**24)
+        loss_module._CHUNK_ELEMENTS = loss_chunk
     torch.manual_seed(0)
     torch.backends.cuda.matmul.allow_tf32 = True
     cfg = GPT2Config.from_preset("gpt2", dropout=0.0, attn_dropout=0.0)
@@ -87,7 +91,7 @@ def train_step_bench(batch_size: int, steps: int, peak: float, compile_: bool, f
     def step():
         ctx = sdpa_kernel([SDPBackend.FLASH_ATTENTION]) if force_flash else contextlib.nullcontext()
         with ctx, torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = run(x, targets=y).loss
+            loss = run(x, targets=y, return_logits=plain_loss).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -107,6 +111,7 @@ def train_step_bench(batch_size: int, steps: int, peak: float, compile_: bool, f
         check="train_step_gpt2",
         compile=compile_,
         flash_forced=force_flash,
+        loss="plain" if plain_loss else f"chunked({loss_module._CHUNK_ELEMENTS})",
         batch=batch_size,
         block=T,
         first_step_s=round(first_step_s, 2),
@@ -133,6 +138,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--variants", default="eager,compile",
+                    help="comma list of eager | compile | compile-bigchunk | compile-plain")
     args = ap.parse_args()
     props = torch.cuda.get_device_properties(0)
     emit(check="device", name=props.name, torch=torch.__version__, sms=props.multi_processor_count,
@@ -141,11 +148,17 @@ def main():
     emit(check="bf16_matmul_8192", tflops=round(peak / 1e12, 1))
     parity_check()
     sdpa_flash_smoke()
-    for compile_ in (False, True):
+    variants = {
+        "eager": dict(compile_=False, force_flash=True),
+        "compile": dict(compile_=True, force_flash=False),
+        "compile-bigchunk": dict(compile_=True, force_flash=False, loss_chunk=2**27),
+        "compile-plain": dict(compile_=True, force_flash=False, plain_loss=True),
+    }
+    for name in args.variants.split(","):
         try:
-            train_step_bench(args.batch_size, args.steps, peak, compile_, force_flash=not compile_)
+            train_step_bench(args.batch_size, args.steps, peak, **variants[name])
         except Exception as e:  # report and go on: one failure must not cost the other measurements
-            emit(check="train_step_gpt2", compile=compile_, error=f"{type(e).__name__}: {e}"[:500])
+            emit(check="train_step_gpt2", variant=name, error=f"{type(e).__name__}: {e}"[:500])
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
