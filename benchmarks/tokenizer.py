@@ -171,25 +171,33 @@ def bench_quality(vocab_size: int = 8192) -> dict:
 def learner_child(which: str, vocab_size: int, out: str) -> None:
     import resource
 
+    def cpu_seconds() -> float:
+        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
     files = stdlib_files()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     if which == "gpt2kit":
         from gpt2kit import Tokenizer
+        from gpt2kit.tokenizer.pretokenize import token_to_unicode
 
         tok = Tokenizer.train(files, vocab_size, progress=False, errors="replace", workers=2)
-        merges = len(tok.merges)
+        merges = [f"{token_to_unicode(a)} {token_to_unicode(b)}" for a, b in tok.merges]
     else:
         tok, trainer = hf_bpe_trainer(vocab_size)
         texts = (p.read_bytes().decode("utf-8", "replace") for p in files)
         tok.train_from_iterator(texts, trainer)
-        merges = len(json.loads(tok.to_str())["model"]["merges"])
-    seconds = time.perf_counter() - t0
+        merges = [
+            m if isinstance(m, str) else " ".join(m) for m in json.loads(tok.to_str())["model"]["merges"]
+        ]
+    seconds, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     rss_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     rss_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     Path(out).write_text(
         json.dumps(
             {
                 "seconds": seconds,
+                "cpu_seconds": cpu,
                 "merges": merges,
                 "peak_rss_MB": round(rss_self, 1),
                 "peak_rss_worker_MB": round(rss_children, 1),
@@ -229,8 +237,21 @@ def bench_learner(rounds: int, vocab_size: int = 32768) -> dict:
         "ratio_gpt2kit_vs_hf": round(med["gpt2kit"] / med["hf_tokenizers"], 2),
         "peak_rss_MB": {k: max(r["peak_rss_MB"] for r in v) for k, v in runs.items()},
         "peak_rss_worker_MB": {k: max(r["peak_rss_worker_MB"] for r in v) for k, v in runs.items()},
-        "merges": {k: v[0]["merges"] for k, v in runs.items()},
+        "cpu_seconds_median": {
+            k: round(statistics.median(r["cpu_seconds"] for r in v), 2) for k, v in runs.items()
+        },
+        "merges": {k: len(v[0]["merges"]) for k, v in runs.items()},
+        "merges_identical_to_hf_prefix": _common_prefix(
+            runs["gpt2kit"][0]["merges"], runs["hf_tokenizers"][0]["merges"]
+        ),
     }
+
+
+def _common_prefix(a: list, b: list) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def main() -> None:
