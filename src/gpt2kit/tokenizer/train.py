@@ -83,18 +83,29 @@ def split_for_workers(text: str, size: int = CHUNK_CHARS) -> list[str]:
     return chunks
 
 
-def _count_task(task: tuple[list, str | None, bool, str]) -> Counter:
-    """Worker: count GPT-2 pieces over a batch of sources (texts or file paths)."""
-    sources, normalization, lowercase, errors = task
+def _count_into(counts: Counter, sources: list, normalization, lowercase, errors, done=None) -> Counter:
     normalize = make_normalizer(normalization, lowercase)
     findall = gpt2_regex().findall
-    counts: Counter = Counter()
     for src in sources:
         text = read_text_file(src, errors) if isinstance(src, Path) else src
         if normalize is not None:
             text = normalize(text)
         counts.update(findall(text))
+        if done is not None:  # the same units as the sizes in count_words: bytes of files, chars of texts
+            done(src.stat().st_size if isinstance(src, Path) else len(src))
     return counts
+
+
+def _count_task(task: tuple[list, str | None, bool, str]) -> tuple[Counter, int]:
+    """Worker: count GPT-2 pieces over a batch of sources (texts or file paths)."""
+    sources, normalization, lowercase, errors = task
+    chars = 0
+
+    def done(n: int) -> None:
+        nonlocal chars
+        chars += n
+
+    return _count_into(Counter(), sources, normalization, lowercase, errors, done), chars
 
 
 def _as_sources(texts_or_files) -> list[str | Path]:
@@ -124,33 +135,46 @@ def count_words(
     lowercase: bool = False,
     workers: int | None = None,
     errors: str = "strict",
+    progress: bool = False,
 ) -> Counter:
     """Counts of GPT-2 pre-tokenized pieces over all inputs (files are read as UTF-8)."""
+    from tqdm.auto import tqdm
+
     sources = _as_sources(texts_or_files)
     sizes = [s.stat().st_size if isinstance(s, Path) else len(s) for s in sources]
     workers = workers if workers is not None else min(2, os.cpu_count() or 1)
-    if workers <= 1 or sum(sizes) < PARALLEL_MIN_CHARS or len(sources) < 2:
-        return _count_task((sources, normalization, lowercase, errors))
-    # Deal sources to batches, largest first onto the lightest batch, ~4 batches per worker for balance.
-    n_batches = min(len(sources), 4 * workers)
-    batches: list[list] = [[] for _ in range(n_batches)]
-    loads = [0] * n_batches
-    for size, src in sorted(zip(sizes, sources, strict=True), key=lambda t: -t[0]):
-        j = loads.index(min(loads))
-        batches[j].append(src)
-        loads[j] += size
-    import multiprocessing as mp
+    bar = tqdm(
+        total=sum(sizes),
+        desc="pre-tokenizing",
+        unit="B",
+        unit_scale=True,
+        disable=not progress,
+        mininterval=0.5,
+    )
+    with bar:
+        if workers <= 1 or sum(sizes) < PARALLEL_MIN_CHARS or len(sources) < 2:
+            return _count_into(Counter(), sources, normalization, lowercase, errors, bar.update)
+        # Deal sources to batches, largest first onto the lightest batch; several batches per worker
+        # balance the load and let the progress bar move.
+        n_batches = min(len(sources), 8 * workers)
+        batches: list[list] = [[] for _ in range(n_batches)]
+        loads = [0] * n_batches
+        for size, src in sorted(zip(sizes, sources, strict=True), key=lambda t: -t[0]):
+            j = loads.index(min(loads))
+            batches[j].append(src)
+            loads[j] += size
+        import multiprocessing as mp
 
-    # fork: workers need nothing but this module, and "spawn" would re-run a user's script that lacks an
-    # `if __name__ == "__main__"` guard. Workers only run `regex` and `Counter`, no locks from the parent.
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    total: Counter = Counter()
-    with ctx.Pool(workers) as pool:
-        for counts in pool.imap_unordered(
-            _count_task, [(b, normalization, lowercase, errors) for b in batches]
-        ):
-            total.update(counts)
-    return total
+        # fork: workers need nothing but this module, and "spawn" would re-run a user's script that lacks
+        # an `if __name__ == "__main__"` guard. Workers only run `regex` and `Counter`.
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        total: Counter = Counter()
+        with ctx.Pool(workers) as pool:
+            tasks = [(b, normalization, lowercase, errors) for b in batches]
+            for counts, chars in pool.imap_unordered(_count_task, tasks):
+                total.update(counts)
+                bar.update(chars)
+        return total
 
 
 # ---------------------------------------------------------------- the merge loop
@@ -312,7 +336,7 @@ def learn_bpe(
         raise UserError(f"min frequency must be >= 1, got {min_frequency}")
     if errors not in ("strict", "replace"):
         raise UserError(f"errors must be 'strict' or 'replace', got {errors!r}")
-    counts = count_words(texts_or_files, normalization, lowercase, workers, errors)
+    counts = count_words(texts_or_files, normalization, lowercase, workers, errors, progress)
     if not counts:
         raise UserError("the training corpus is empty (no text in the inputs)")
 
