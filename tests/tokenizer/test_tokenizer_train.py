@@ -232,3 +232,20 @@ def test_bad_training_input(tmp_path):
         Tokenizer.train("hello", 300, special_tokens=["<s>", "<s>"], progress=False)
     with pytest.raises(UserError, match="normalization"):
         Tokenizer.train("hello", 300, normalization="NFD", progress=False)
+
+
+def test_merge_giving_an_existing_token_is_skipped_and_counts_stay_consistent():
+    from gpt2kit.tokenizer.train import merge_words
+
+    order = byte_order()
+    token_bytes = [bytes([b]) for b in order] + [b"ab"]  # id 256 = "ab", as if reached by another split
+    a, b, c = (order.index(ord(ch)) for ch in "abc")
+    words = [[a, b, c], [a, b, a, b], [b, c]]
+    freqs = [5, 4, 3]
+    merges = merge_words(words, freqs, 3, 257, token_bytes, min_frequency=1)
+    # (a, b) has the top count (13) but would re-create "ab": it is skipped, never merged;
+    # (b, c) is next (8); the (a, bc) it creates (5) beats (b, a) (4)
+    assert merges[:2] == [(b, c), (a, 257)]
+    assert token_bytes[257:259] == [b"bc", b"abc"]
+    assert words[0] == [258] and words[2] == [257]
+    assert (a, b) not in merges
