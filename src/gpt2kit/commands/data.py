@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--near-dup", action=argparse.BooleanOptionalAction, default=True,
                    help="with --dedup, also remove near duplicates (MinHash LSH; default on)")
     p.add_argument("--near-dup-threshold", type=float, default=0.8, metavar="J",
-                   help="Jaccard similarity of token 5-gram sets at which a document is a near duplicate (default 0.8)")
+                   help="Jaccard similarity of token 4-gram sets at which a document is a near duplicate (default 0.8)")
     p.add_argument("--train-tokenizer", action="store_true", help="first train a BPE tokenizer on the inputs (saved in OUT/tokenizer)")
     p.add_argument("--vocab-size", type=int, metavar="N", help="vocabulary size for --train-tokenizer")
     p.add_argument("--normalization", default=None, choices=["none", "NFC", "NFKC"], help="--train-tokenizer: Unicode normalization")

@@ -361,23 +361,28 @@ _EXCLUDED_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 DEFAULT_CORPUS_NAME = "python-stdlib"
 
 
+def _default_corpus_paths() -> list[str]:
+    root = sysconfig.get_paths()["stdlib"]
+    topics = os.path.join(root, "pydoc_data", "topics.py")
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _EXCLUDED_DIRS)
+        files.extend(os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith(".py"))
+    return [f for f in files if f != topics]
+
+
 def default_corpus_files() -> list[Path]:
     """This interpreter's standard-library `.py` files (site-/dist-packages excluded), sorted.
 
     `pydoc_data/topics.py` is left out: its help topics come in as prose documents instead.
     """
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in _EXCLUDED_DIRS)
-        files.extend(Path(dirpath) / f for f in sorted(filenames) if f.endswith(".py"))
-    topics = root / "pydoc_data" / "topics.py"
-    return [f for f in files if f != topics]
+    return [Path(f) for f in _default_corpus_paths()]
 
 
-def _read_source(path: Path) -> str:
+def _read_source(path: str | Path) -> str:
     """A Python source file as text, honouring its PEP 263 coding line; undecodable bytes become U+FFFD."""
-    data = path.read_bytes()
+    with open(path, "rb") as f:
+        data = f.read()
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
@@ -392,10 +397,10 @@ def _read_source(path: Path) -> str:
 def default_corpus() -> Iterator[Document]:
     """The Python standard library of the running interpreter, one document per `.py` file, then the
     `pydoc_data` help topics, one document per topic. Needs no download; ~32 MB on CPython 3.11."""
-    for path in default_corpus_files():
+    for path in _default_corpus_paths():
         text = _read_source(path)
         if text:
-            yield Document(text, str(path))
+            yield Document(text, path)
     try:
         from pydoc_data.topics import topics
     except ImportError:  # a stripped-down interpreter

@@ -44,8 +44,8 @@ from .readers import (
     Piece,
     ReadOptions,
     ReadStats,
+    _default_corpus_paths,
     default_corpus,
-    default_corpus_files,
     iter_pieces,
     join_pieces,
     resolve_inputs,
@@ -133,16 +133,14 @@ def _encode_task(texts: list[tuple[str, bool]]) -> list[EncodedPiece]:
     for text, whole in texts:
         text = tok.normalize(text)
         raw = text.encode("utf-8", "surrogatepass")
-        ids = encode(text)
-        if len(ids) and int(ids.max()) > np.iinfo(dtype).max:
-            raise UserError(f"token id {int(ids.max())} does not fit the shard dtype {dtype}")
+        ids = encode(text).astype(dtype, copy=False)  # ids < vocab_size, which the dtype was chosen to hold
         bins = sig = None
         if sketch is not None:
             bins = minhash_bins(ids, **sketch)
             if whole:
                 sig, bins = densify(bins, sketch["seed"]), None
         out.append(
-            EncodedPiece(ids.astype(dtype, copy=False), len(text), len(raw),
+            EncodedPiece(ids, len(text), len(raw),
                          hashlib.blake2b(raw, digest_size=16).digest(), bins, sig)
         )
     return out
@@ -260,7 +258,7 @@ def prepare(
     near_dup: bool = True,
     near_dup_threshold: float = 0.8,
     num_perm: int = 128,
-    shingle: int = 5,
+    shingle: int = 4,
     overwrite: bool = False,
     progress: bool = True,
     train_tokenizer_vocab: int | None = None,
@@ -313,7 +311,7 @@ def prepare(
 def _total_input_bytes(files) -> int | None:
     """Progress-bar total: sum of file sizes when that equals the text size (no stdin, no compression)."""
     if files is None:
-        return sum(p.stat().st_size for p in default_corpus_files())
+        return sum(os.path.getsize(p) for p in _default_corpus_paths())
     total = 0
     for f in files:
         if f.path == "-" or f.path.endswith((".gz", ".bz2", ".xz", ".parquet")):

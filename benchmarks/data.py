@@ -1,0 +1,169 @@
+"""Throughput of `prepare` on the built-in corpus (the Python standard library) vs tiktoken's raw encode.
+
+Peer (same text, same worker count, timed in the same run, interleaved):
+  - tiktoken `encode_ordinary_batch(texts, num_threads=W)` (its own parallel API), and
+  - a `multiprocessing.Pool(W)` mapping tiktoken `encode_ordinary` over the documents;
+  the faster of the two is the baseline. Only the encode calls are timed (the texts are already in
+  memory, the encoder already built).
+Ours: `prepare()` in a fresh subprocess (reading files, normalization, exact + near dedup, W tokenizer
+processes, writing train/val/idx/meta atomically), timed from the call to the end with the tokenizer
+already loaded; and the whole `gpt2kit data prepare` command, cold, for the end-to-end picture. Peak RSS
+is sampled (every 10 ms) over the whole process tree.
+
+    python benchmarks/data.py [--tokenizer ../shared/data/gpt2] [--workers 2] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+
+_OURS = r"""
+import json, sys, time
+from gpt2kit.data.shards import prepare
+from gpt2kit.tokenizer import Tokenizer
+tok_dir, out, workers, dedup = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
+tok = Tokenizer.from_pretrained(tok_dir)
+tok.tiktoken_encoding  # build the encoder, as the peer's is built before timing
+t = time.perf_counter()
+r = prepare(None, tok, out, val_fraction=0.005, workers=workers, dedup=dedup, progress=False)
+print(json.dumps({"seconds": time.perf_counter() - t, "bytes": r.input_bytes, "dedup": r.meta["dedup"],
+                  "tokens": sum(s["tokens"] for s in r.meta["splits"].values())}))
+"""
+
+
+def _tree_rss(proc: psutil.Process) -> int:
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def run_measured(cmd: list[str]) -> tuple[float, int, str]:
+    """(wall seconds, peak RSS of the process tree in bytes, stdout)."""
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    ps = psutil.Process(proc.pid)
+    peak = [0]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _tree_rss(ps))
+            time.sleep(0.01)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    out, err = proc.communicate()
+    wall = time.perf_counter() - t
+    done.set()
+    th.join()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd} failed:\n{err}")
+    return wall, peak[0], out
+
+
+_POOL_ENC = None
+
+
+def _pool_init(tok_dir: str) -> None:
+    global _POOL_ENC
+    _POOL_ENC = _tiktoken_encoding(tok_dir)
+
+
+def _pool_encode(text: str) -> int:
+    return len(_POOL_ENC.encode_ordinary(text))
+
+
+def _tiktoken_encoding(tok_dir: str):
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+    ranks = data_gym_to_mergeable_bpe_ranks(f"{tok_dir}/vocab.bpe", f"{tok_dir}/encoder.json")
+    pat = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+    return tiktoken.Encoding("gpt2", pat_str=pat, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": 50256})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokenizer", default=str(REPO.parent / "shared" / "data" / "gpt2"))
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+
+    from gpt2kit.data.readers import default_corpus
+
+    texts = [d.text for d in default_corpus()]
+    nbytes = sum(len(t.encode("utf-8")) for t in texts)
+    enc = _tiktoken_encoding(args.tokenizer)
+    ctx = mp.get_context("fork")
+    pool = ctx.Pool(args.workers, initializer=_pool_init, initargs=(args.tokenizer,))
+    pool.map(_pool_encode, ["warm up"] * args.workers)
+
+    res: dict[str, list[float]] = {k: [] for k in ("tiktoken_threads", "tiktoken_pool", "ours", "ours_no_dedup",
+                                                   "ours_cli_cold")}
+    rss: dict[str, list[int]] = {"ours": [], "ours_no_dedup": [], "ours_cli_cold": []}
+    tokens = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            t = time.perf_counter()
+            n_threads = sum(len(x) for x in enc.encode_ordinary_batch(texts, num_threads=args.workers))
+            res["tiktoken_threads"].append(nbytes / 1e6 / (time.perf_counter() - t))
+            t = time.perf_counter()
+            n_pool = sum(pool.map(_pool_encode, texts, chunksize=8))
+            res["tiktoken_pool"].append(nbytes / 1e6 / (time.perf_counter() - t))
+            assert n_threads == n_pool
+            tokens["tiktoken"] = n_threads
+            for key, dedup in (("ours", "1"), ("ours_no_dedup", "0")):
+                wall, peak, out = run_measured([sys.executable, "-c", _OURS, args.tokenizer, f"{tmp}/{key}{r}",
+                                                str(args.workers), dedup])
+                info = json.loads(out)
+                res[key].append(info["bytes"] / 1e6 / info["seconds"])
+                rss[key].append(peak)
+                tokens[key] = info["tokens"]
+                if key == "ours":
+                    dedup_info = info["dedup"]
+            wall, peak, _ = run_measured([sys.executable, "-m", "gpt2kit.cli", "data", "prepare", "--tokenizer",
+                                          args.tokenizer, "--out", f"{tmp}/cli{r}", "--workers", str(args.workers),
+                                          "--val-fraction", "0.005", "--quiet"])
+            res["ours_cli_cold"].append(nbytes / 1e6 / wall)
+            rss["ours_cli_cold"].append(peak)
+    pool.terminate()
+
+    med = {k: statistics.median(v) for k, v in res.items()}
+    base = max(med["tiktoken_threads"], med["tiktoken_pool"])
+    print(json.dumps({
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load avg {os.getloadavg()[0]:.1f}",
+        "corpus": {"documents": len(texts), "mb": round(nbytes / 1e6, 2)},
+        "workers": args.workers,
+        "rounds": args.rounds,
+        "mb_per_s_median": {k: round(v, 2) for k, v in med.items()},
+        "mb_per_s_all": {k: [round(x, 2) for x in v] for k, v in res.items()},
+        "ratio_vs_tiktoken": {k: round(med[k] / base, 3) for k in ("ours", "ours_no_dedup", "ours_cli_cold")},
+        "peak_rss_mb_max": {k: round(max(v) / 1e6, 1) for k, v in rss.items()},
+        "tokens": tokens,
+        "dedup": {k: dedup_info[k] for k in ("exact_removed", "near_removed", "threshold")},
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
