@@ -38,7 +38,7 @@ from gpt2kit.data.shards import prepare
 from gpt2kit.tokenizer import Tokenizer
 tok_dir, out, workers, dedup = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
 tok = Tokenizer.from_pretrained(tok_dir)
-tok.tiktoken_encoding  # build the encoder, as the peer's is built before timing
+tok.tiktoken_encoding  # build the encoder (the peer's is built before timing too)
 t = time.perf_counter()
 r = prepare(None, tok, out, val_fraction=0.005, workers=workers, dedup=dedup, progress=False)
 print(json.dumps({"seconds": time.perf_counter() - t, "bytes": r.input_bytes, "dedup": r.meta["dedup"],
