@@ -191,7 +191,7 @@ def learner_child(which: str, vocab_size: int, out: str) -> None:
             m if isinstance(m, str) else " ".join(m) for m in json.loads(tok.to_str())["model"]["merges"]
         ]
     seconds, cpu = time.perf_counter() - t0, cpu_seconds() - c0
-    rss_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_self = _peak_rss_mb()
     rss_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     Path(out).write_text(
         json.dumps(
@@ -204,6 +204,20 @@ def learner_child(which: str, vocab_size: int, out: str) -> None:
             }
         )
     )
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak RSS since it started. VmHWM, not ru_maxrss: on Linux ru_maxrss survives exec,
+    so a child would report the benchmark parent's peak."""
+    import resource
+
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def bench_learner(rounds: int, vocab_size: int = 32768) -> dict:
