@@ -156,3 +156,35 @@ def test_invalid_sampling_values_are_user_errors(kwargs):
     name = next(iter(kwargs))
     with pytest.raises(UserError, match=name):
         validate_sampling(**kwargs)
+
+
+@pytest.mark.parametrize("scale", [0.3, 2.0, 8.0])  # flat (nucleus of thousands) .. peaked (a few tokens)
+def test_top_p_candidate_search_equals_the_full_sort(scale):
+    from gpt2kit.sampling import _top_p_full_sort
+
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(4, 50257, generator=g) * scale
+    logits[1, :100] = logits[1, 100]  # a block of ties
+    for p in (0.05, 0.5, 0.9, 0.99):
+        fast, full = top_p_filter(logits, p), _top_p_full_sort(logits, p)
+        assert torch.equal(torch.isfinite(fast), torch.isfinite(full))
+        assert torch.equal(fast[torch.isfinite(fast)], logits[torch.isfinite(full)])
+
+
+def test_top_p_tie_at_the_candidate_boundary_falls_back_to_the_exact_answer():
+    from gpt2kit.sampling import _top_p_full_sort
+
+    logits = torch.full((1, 1000), -5.0)
+    logits[0, 500:700] = 1.0  # 200 equal top tokens: more than the first candidate batch
+    out = top_p_filter(logits, 0.5)
+    assert torch.equal(torch.isfinite(out), torch.isfinite(_top_p_full_sort(logits, 0.5)))
+    kept_ids = kept(out)[0]
+    assert kept_ids == list(range(500, 500 + len(kept_ids)))  # the lowest ids among the ties
+
+
+def test_sample_never_draws_a_removed_token():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(512, 50257, generator=g)
+    logits[:, ::2] = float("-inf")
+    draws = sample(logits, g)
+    assert (draws % 2 == 1).all() and ((0 <= draws) & (draws < 50257)).all()
