@@ -94,6 +94,18 @@ def test_tiktoken_rank_file_round_trip(learned, tmp_path):
     assert ranks == learned.ranks and merges == learned.merges
     back = Tokenizer.from_tiktoken_file(path, special_tokens=learned.special_tokens)
     assert back.fingerprint == learned.fingerprint
+    plain = Tokenizer.from_pretrained(path)  # <|endoftext|> goes right after the last rank
+    assert plain.special_tokens == {"<|endoftext|>": len(learned.ranks)}
+    assert plain.encode_ordinary(TEXT) == learned.encode_ordinary(TEXT)
+
+
+def test_tokenizer_pickles_for_worker_processes(gpt2):
+    import pickle
+
+    gpt2.encode_ordinary("warm the tiktoken engine")
+    back = pickle.loads(pickle.dumps(gpt2))
+    assert back.fingerprint == gpt2.fingerprint
+    assert back.encode(TEXT, allowed_special="all") == gpt2.encode(TEXT, allowed_special="all")
 
 
 def test_merges_recovered_from_gpt2_ranks_alone(gpt2):
