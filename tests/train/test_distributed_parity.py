@@ -20,6 +20,8 @@ import torch
 SCRIPT = Path(__file__).parent / "dist_scripts" / "dist_parity.py"
 TOL = 1e-5  # max abs difference of any parameter after 20 steps
 
+pytestmark = pytest.mark.slow  # one ~30-60 s run of 2 ranks shared by the whole module
+
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:

@@ -36,7 +36,7 @@ LR = 3e-3
 # float64: the comparison then shows the algorithm (loss scaling, reduction, sharding, resume) and not
 # float32 rounding, which AdamW amplifies in parameters whose true gradient is zero (the attention key
 # bias: adding a constant to all scores of a row does not change the softmax), up to ~1e-4 after 20 steps.
-DTYPE = torch.float64
+DTYPE = getattr(torch, os.environ.get("GPT2KIT_PARITY_DTYPE", "float64"))
 
 
 def model_config() -> GPT2Config:
