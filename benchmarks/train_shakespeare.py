@@ -94,6 +94,8 @@ def main() -> None:
     t_train = time.perf_counter() - t1
     wall = time.perf_counter() - t0
     v = result.val
+    if v is None:
+        sys.exit(f"training stopped early at step {result.step} ({result.stopped_by}); no result")
     val_chars = meta["splits"]["val"]["characters"]
     out = {
         "benchmark": "train_shakespeare",

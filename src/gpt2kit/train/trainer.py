@@ -762,7 +762,9 @@ class Trainer:
                 f"step {self.step}: val loss {val['val_loss']:.4f}, ppl {val['val_ppl']:.2f}, "
                 f"bpc {val['val_bpc']:.4f}"
             )
-        if self.best_val is None or val["val_loss"] < self.best_val:
+        improved = self.best_val is None or val["val_loss"] < self.best_val
+        # rank 0 decides, so every rank joins the (collective) gathering of an FSDP model or none does
+        if dist_api.any_rank(improved and self.env.is_main, self.env):
             self.best_val = val["val_loss"]
             self._save_best(val)
         return val
