@@ -25,6 +25,8 @@ class ReferenceBPE:
 
     def __init__(self, ranks: dict[bytes, int], merges: list[tuple[bytes, bytes]], cache_size: int = 200_000):
         self.byte_ids = [ranks[bytes([b])] for b in range(256)]
+        # When the single-byte ids are 0..255 (GPT-2's files, ours), bytes.translate maps a whole piece at once.
+        self.byte_table = bytes(self.byte_ids) if sorted(self.byte_ids) == list(range(256)) else None
         # pair key -> id of the merged token. Merged ids increase along the merge list (checked when files
         # are read), so the smaller id is also the earlier merge: the id doubles as the priority.
         self.pair_to_id: dict[int, int] = {}
@@ -60,8 +62,12 @@ class ReferenceBPE:
     def encode_piece(self, piece: str) -> list[int]:
         ids = self.cache.get(piece)
         if ids is None:
-            byte_ids = self.byte_ids
-            ids = self.bpe([byte_ids[b] for b in piece.encode("utf-8")])
+            raw = piece.encode("utf-8")
+            if self.byte_table is not None:
+                ids = self.bpe(list(raw.translate(self.byte_table)))
+            else:
+                byte_ids = self.byte_ids
+                ids = self.bpe([byte_ids[b] for b in raw])
             if len(self.cache) >= self.cache_size:
                 self.cache.clear()
             self.cache[piece] = ids
