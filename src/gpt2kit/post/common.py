@@ -8,8 +8,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..errors import UserError, require_dir, require_file
 from ..fileio import read_json
 
@@ -73,9 +71,10 @@ def perplexity(model, tokenizer, text: str, max_tokens: int | None = None) -> di
     return {"ppl": float(r["ppl"]), "ce": float(r["ce"]), "tokens": int(r["tokens"])}
 
 
-@torch.inference_mode()
 def generation_speed(model, new_tokens: int = 32, prompt_len: int = 16, repeats: int = 1) -> float:
     """New tokens per second of greedy KV-cached decoding at batch 1 (median over `repeats`)."""
+    import torch
+
     from ..generate import generate
 
     model.eval()
@@ -99,3 +98,46 @@ def print_report(report: dict[str, Any], as_json: bool) -> None:
         if isinstance(v, float):
             v = f"{v:.4g}"
         print(f"{k:>24}: {v}")
+
+
+# trainer settings the finetune and distill commands expose: flag -> (type, help)
+TRAIN_FLAGS: dict[str, tuple[type, str]] = {
+    "lr": (float, "peak learning rate"),
+    "max_steps": (int, "optimizer steps"),
+    "warmup_steps": (int, "linear warm-up steps"),
+    "schedule": (str, "cosine | inverse_sqrt | constant"),
+    "min_lr": (float, "floor of the cosine schedule"),
+    "weight_decay": (float, "AdamW weight decay on matrices"),
+    "batch_size": (int, "rows per micro-batch"),
+    "block_size": (int, "tokens per row (context used in training)"),
+    "grad_accum": (int, "micro-batches per optimizer step"),
+    "dropout": (float, "dropout of the trained model"),
+    "eval_every": (int, "steps between validations (0: only at the end)"),
+    "save_every": (int, "steps between checkpoints (0: only at the end)"),
+    "eval_batches": (int, "cap on validation batches (0: the whole split)"),
+    "seed": (int, "random seed"),
+    "device": (str, "auto | cpu | cuda | cuda:N | mps"),
+    "dtype": (str, "fp32 | bf16 | fp16"),
+    "threads": (int, "torch CPU threads (0: torch's default)"),
+}
+
+
+def add_train_flags(parser, defaults: dict[str, Any], only: tuple[str, ...] | None = None) -> None:
+    g = parser.add_argument_group("training")
+    for key, (typ, help_text) in TRAIN_FLAGS.items():
+        if only is not None and key not in only:
+            continue
+        d = defaults.get(key)
+        g.add_argument("--" + key.replace("_", "-"), dest=key, type=typ, default=None,
+                       help=f"{help_text} (default: {d if d is not None else 'as gpt2kit train'})")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def train_overrides(args) -> dict[str, Any]:
+    """The training flags the user gave, coerced and checked by the trainer's own config rules."""
+    from ..train.config import coerce, flag_name
+
+    out = {k: coerce(k, getattr(args, k), flag_name(k)) for k in TRAIN_FLAGS if getattr(args, k, None) is not None}
+    if getattr(args, "no_progress", False):
+        out["progress"] = False
+    return out

@@ -1,0 +1,51 @@
+"""Fine-tune a checkpoint on new data: token shards, or prompt/completion JSONL (loss on the completion only).
+
+  gpt2kit finetune --init CKPT --data SHARDS --out RUN [--lr 1e-4 --max-steps 200 --block-size 256]
+  gpt2kit finetune --init CKPT --jsonl pairs.jsonl --out RUN [--val-fraction 0.1]
+  gpt2kit finetune --init PRUNED --data SHARDS --out RUN        # pruned weights stay zero
+
+Shards use gpt2kit's trainer (RUN is a run directory: step-XXXXXX/ checkpoints, best/, metrics.jsonl);
+JSONL records {"prompt": ..., "completion": ...} become padded rows prompt + completion + EOS, and the
+fine-tuned checkpoint is RUN/final. The report gives validation loss (and --eval-text perplexity)
+before and after. See docs/post.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..post.finetune_defaults import DEFAULTS
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..post.common import add_train_flags
+
+    p.add_argument("--init", required=True, metavar="CKPT", help="the checkpoint directory to start from")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", metavar="SHARDS", help="token shards from `gpt2kit data prepare` (same tokenizer)")
+    src.add_argument("--jsonl", metavar="FILE", help="prompt/completion records, one JSON object per line")
+    p.add_argument("--out", required=True, metavar="DIR", help="run directory to write")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --out that is not empty")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="JSONL: share of records held out (default 0.1)")
+    p.add_argument("--eval-text", metavar="FILE", help="report perplexity on this text before and after")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_train_flags(p, DEFAULTS)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..post.common import print_report, read_eval_text, train_overrides
+    from ..post.finetune import finetune_jsonl, finetune_shards
+
+    overrides = train_overrides(args)
+    text = read_eval_text(args.eval_text)
+    if args.data:
+        if args.val_fraction != 0.1:
+            from ..errors import UserError
+
+            raise UserError("--val-fraction applies to --jsonl; shards carry their own val split")
+        result = finetune_shards(args.init, args.data, args.out, overrides, eval_text=text, overwrite=args.overwrite)
+    else:
+        result = finetune_jsonl(args.init, args.jsonl, args.out, overrides, val_fraction=args.val_fraction,
+                                eval_text=text, overwrite=args.overwrite)
+    print_report(result.report(), args.json)
+    return 0
