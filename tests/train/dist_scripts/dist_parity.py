@@ -36,7 +36,8 @@ LR = 3e-3
 # float64: the comparison then shows the algorithm (loss scaling, reduction, sharding, resume) and not
 # float32 rounding, which AdamW amplifies in parameters whose true gradient is zero (the attention key
 # bias: adding a constant to all scores of a row does not change the softmax), up to ~1e-4 after 20 steps.
-DTYPE = getattr(torch, os.environ.get("GPT2KIT_PARITY_DTYPE", "float64"))
+# The *_fp32 runs repeat the three strategies in float32, the dtype training uses.
+DTYPE = torch.float64
 
 
 def model_config() -> GPT2Config:
@@ -58,10 +59,11 @@ def param_groups(model: torch.nn.Module) -> list[dict]:
     return [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}]
 
 
-def build(strategy: str, env: D.DistEnv, reshard_after_forward: bool = True, load_dir: Path | None = None):
+def build(strategy: str, env: D.DistEnv, reshard_after_forward: bool = True, load_dir: Path | None = None,
+          dtype: torch.dtype = DTYPE):
     torch.manual_seed(0)  # the same initial weights on every rank
     model = GPT2(model_config()) if load_dir is None else GPT2.from_pretrained(load_dir)
-    model = model.to(DTYPE)
+    model = model.to(dtype)
     model = D.wrap_model(model, strategy, env, reshard_after_forward=reshard_after_forward)
     opt = D.build_optimizer(model, param_groups(model), strategy, env, lr=LR, betas=(0.9, 0.95))
     if load_dir is not None:
@@ -102,9 +104,9 @@ def _log(msg: str) -> None:
 
 
 def run(name: str, out: Path, env: D.DistEnv, strategy: str, *, accum: int = 1, reshard_after_forward=True,
-        save_dir: Path | None = None, resume_from: Path | None = None) -> None:
+        save_dir: Path | None = None, resume_from: Path | None = None, dtype: torch.dtype = DTYPE) -> None:
     _log(name)
-    model, opt = build(strategy, env, reshard_after_forward, load_dir=resume_from)
+    model, opt = build(strategy, env, reshard_after_forward, load_dir=resume_from, dtype=dtype)
     start = SAVE_AT if resume_from is not None else 0
     train(model, opt, env, range(start, STEPS), accum=accum, save_dir=save_dir)
     sd = D.gather_full_state_dict(model)
@@ -191,6 +193,8 @@ def worker(rank: int, port: int, out: Path) -> None:
     run("fsdp_keep_accum2", out, env, "fsdp", accum=2, reshard_after_forward=False)
     run("zero1", out, env, "zero1", save_dir=out / "ckpt_zero1")
     run("fsdp_from_single", out, env, "fsdp", resume_from=out / "ckpt_single")
+    for strategy in ("ddp", "fsdp", "zero1"):
+        run(f"{strategy}_fp32", out, env, strategy, dtype=torch.float32)
     _log("counting collectives")
     comm = {
         "ddp_accum1": count_collectives(env, "ddp", 1),
@@ -220,6 +224,7 @@ def main(out: Path) -> None:
     torch.manual_seed(0)
     torch.save(GPT2(model_config()).to(DTYPE).state_dict(), out / "init.pt")
     run("single", out, single, "none", save_dir=out / "ckpt_single")
+    run("single_fp32", out, single, "none", dtype=torch.float32)
     _log("starting 2 ranks")
     # fork: the ranks inherit the imported torch (and the torch._dynamo that the first optimizer step
     # imports), which saves ~10 s per rank on a busy 2-core machine compared with spawn.
