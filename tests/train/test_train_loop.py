@@ -205,3 +205,14 @@ def test_time_limit_lowers_max_steps_and_finishes_properly(shards, tmp_path):
     assert result.last_checkpoint.name == f"step-{result.step:06d}" and result.val is not None
     lrs = [json.loads(x)["lr"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"lr"' in x]
     assert lrs[-1] < 0.05 * 3e-3  # the cosine decayed to the new end instead of being cut off at the peak
+
+
+def test_bf16_grad_checkpointing_padded_mode_and_dynamic_lengths(shards, tmp_path):
+    """The optional paths run together: bf16 autocast, gradient checkpointing, padded rows, T per batch."""
+    out = tmp_path / "run"
+    result = _run(tiny_flags(shards, out, max_steps=4, eval_every=0, save_every=0, dtype="bf16",
+                             grad_checkpointing=True, mode="padded", seq_len="uniform:8,16,32", grad_accum=2))
+    assert result.step == 4 and result.skipped_steps == 0 and math.isfinite(result.train_loss)
+    assert result.val is not None and math.isfinite(result.val["val_loss"])
+    saved = params_of(out / "step-000004")
+    assert all(t.dtype == torch.float32 for t in saved.values())  # master weights stay fp32 under autocast

@@ -102,7 +102,7 @@ def run_main_job(overrides: dict[str, Any], overwrite: bool = False) -> int:
     prepare(
         files, None, data_dir, val_fraction=VAL_FRACTION, seed=0, workers=2,
         read=ReadOptions(errors="replace"), train_tokenizer_vocab=VOCAB_SIZE, overwrite=overwrite,
-        progress=False, log=_say,
+        progress=True, log=_say,
     )
     device = str(overrides.get("device", "auto"))
     flags = {**DEFAULTS, "dtype": "bf16" if _fast_bf16(device) else "fp32"}
