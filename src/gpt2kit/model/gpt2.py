@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import UserError
 from .config import GPT2Config
 from .kv_cache import KVCache
+from .linear import linear
 from .loss import linear_cross_entropy
 
 
@@ -43,7 +44,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, attn_mask=None, is_causal=True, kv_cache: KVCache | None = None, layer: int = 0):
         B, T, C = x.shape
         # [B, T, 3C] -> three [B, H, T, D] views (no copies: SDPA takes strided inputs)
-        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = linear(x, self.c_attn).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4).unbind(0)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # all keys/values so far: [B, H, P + T, D]
         y = F.scaled_dot_product_attention(
@@ -53,7 +54,7 @@ class CausalSelfAttention(nn.Module):
             is_causal=is_causal and attn_mask is None,
         )
         y = y.transpose(1, 2).reshape(B, T, C)  # re-assemble the heads side by side
-        return self.resid_dropout(self.c_proj(y))
+        return self.resid_dropout(linear(y, self.c_proj))
 
 
 class MLP(nn.Module):
@@ -65,7 +66,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         # GPT-2's GELU is the tanh approximation ("gelu_new" in transformers)
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        return self.dropout(linear(linear(x, self.c_fc, activation="gelu"), self.c_proj))
 
 
 class Block(nn.Module):

@@ -42,29 +42,41 @@ class _LinearCrossEntropy(torch.autograd.Function):
             xs = x.to(cdtype)
             loss_sum = torch.zeros((), dtype=torch.float32, device=x.device)
             grad_x = torch.empty_like(xs) if need_x else None
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-            for start, end in _chunks(x.shape[0], weight.shape[0], chunk_rows):
+            grad_w = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+            if need_w and x.shape[0] == 0:
+                grad_w.zero_()
+            for i, (start, end) in enumerate(_chunks(x.shape[0], weight.shape[0], chunk_rows)):
                 xc, tc = xs[start:end], targets[start:end]
                 logits = torch.mm(xc, w.t()).float()  # [n, V]
-                lse = torch.logsumexp(logits, dim=-1)
                 counted = tc != IGNORE_INDEX
                 safe_t = tc.clamp(min=0).unsqueeze(1)
                 target_logit = logits.gather(1, safe_t).squeeze(1)
+                # log-sum-exp with a single exp pass, in place: logits become exp(logits - max)
+                row_max = logits.amax(dim=-1, keepdim=True)
+                exps = logits.sub_(row_max).exp_()
+                sum_exp = exps.sum(dim=-1, keepdim=True)
+                lse = (row_max + sum_exp.log()).squeeze(1)
                 loss_sum += ((lse - target_logit) * counted).sum()
                 if need_x or need_w:
                     # d loss / d logits = (softmax - one_hot) / n_counted, zero on rows not counted
-                    probs = logits.sub_(lse.unsqueeze(1)).exp_()
-                    probs.scatter_add_(1, safe_t, -counted.unsqueeze(1).to(probs.dtype))
-                    probs.mul_((counted.to(probs.dtype) / denom).unsqueeze(1))
-                    g = probs.to(cdtype)
+                    row_scale = counted.unsqueeze(1).to(exps.dtype) / (sum_exp * denom)
+                    g = exps.mul_(row_scale)
+                    g.scatter_add_(1, safe_t, -(counted.unsqueeze(1).to(g.dtype) / denom))
+                    g = g.to(cdtype)
                     if need_x:
                         torch.mm(g, w, out=grad_x[start:end])
                     if need_w:
                         if cdtype == torch.float32:
-                            grad_w.addmm_(g.t(), xc)
+                            # the first chunk writes (no zero-fill of the [V, C] buffer), the rest accumulate
+                            if i == 0:
+                                torch.mm(g.t(), xc, out=grad_w)
+                            else:
+                                grad_w.addmm_(g.t(), xc)
+                        elif i == 0:
+                            grad_w.copy_(torch.mm(g.t(), xc))
                         else:
                             grad_w += torch.mm(g.t(), xc).float()
-                del logits
+                del logits, exps
         ctx.save_for_backward(
             grad_x if grad_x is not None else torch.empty(0),
             grad_w if grad_w is not None else torch.empty(0),
