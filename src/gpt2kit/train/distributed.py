@@ -215,6 +215,11 @@ def _find_fsdp_root(model: nn.Module) -> nn.Module | None:
     return inner if _is_fsdp(inner) else None
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """True under FSDP: each rank holds only shards, so saving needs gather_full_state_dict (a collective)."""
+    return _find_fsdp_root(model) is not None
+
+
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks FSDP shards one by one: the first ModuleList named h/blocks/layers."""
     for name in ("h", "blocks", "layers"):
