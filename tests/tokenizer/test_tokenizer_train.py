@@ -197,6 +197,10 @@ def test_parallel_counting_equals_serial(tmp_path, monkeypatch, shakespeare):
     parallel = count_words(files + [MIXED * 50], workers=2)
     assert parallel == serial
     assert sum(serial.values()) > 40_000
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"fine\n\xff")
+    with pytest.raises(UserError, match=r"bad\.txt: not valid UTF-8 at byte offset 5"):
+        count_words([files[0], bad, files[1]], workers=2)  # raised in a worker, reported by the parent
 
 
 @settings(max_examples=60, deadline=None)
