@@ -76,6 +76,7 @@ def read_vocab_and_merges(
     merges: list[tuple[bytes, bytes]] = []
     merged_strings: set[str] = set()
     for lineno, line in enumerate(lines, 1):
+        line = line.rstrip("\r")  # CRLF files: "\r" is never part of a byte-level token string
         if not line or (lineno == 1 and line.startswith("#version")):
             continue
         parts = line.split(" ")
