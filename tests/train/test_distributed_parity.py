@@ -100,6 +100,11 @@ def test_zero1_checkpoint_resumes_in_one_process(runs):
     assert max_abs_diff(params(runs, "single_from_zero1"), params(runs, "zero1")) <= TOL
 
 
+def test_fsdp_checkpoint_resumes_under_zero1(runs):
+    # Sharded-by-slice (FSDP) state loaded into whole-tensor shards (ZeRO-1) on 2 ranks.
+    assert max_abs_diff(params(runs, "zero1_from_fsdp"), params(runs, "fsdp")) <= TOL
+
+
 def test_gradient_accumulation_all_reduces_once_per_optimizer_step(runs):
     comm = json.loads((runs / "comm.json").read_text())
     # Collectives per micro-step, for 2 optimizer steps.

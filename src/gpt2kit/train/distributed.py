@@ -516,8 +516,8 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, pat
                 for p in g["params"]:
                     if p in local.state:
                         local.state[p] = template["state"][names[id(p)]]
+            # hyperparameters go to the outer groups; ZeroRedundancyOptimizer.step() copies them inward
             _apply_group_hyperparams(optimizer, template["param_groups"], names)
-            optimizer._sync_param_groups(optimizer.param_groups, local.param_groups)
             return
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 

@@ -3,13 +3,13 @@
     python dist_parity.py OUT_DIR
 
 The parent process trains the single-process reference (global batch 2B, no process group) and saves a
-checkpoint at the half-way step; then it spawns 2 ranks that train the same 20 steps with ddp, ddp with
+checkpoint at the half-way step; then it starts 2 ranks that train the same 20 steps with ddp, ddp with
 gradient accumulation, fsdp (ZeRO-3), fsdp with parameters kept after forward (ZeRO-2 style) plus
-accumulation, and zero1, each with per-rank batch B; fsdp and zero1 save a checkpoint half-way, and an
-fsdp run resumes from the single-process checkpoint. Back in one process, runs resume from the fsdp and
-zero1 checkpoints. Every run's final parameters go to OUT_DIR/<name>.pt (full state dicts, CPU), and
-collective counts per micro-step to OUT_DIR/comm.json. The test compares them; this script asserts
-nothing.
+accumulation, and zero1, each with per-rank batch B; fsdp and zero1 save a checkpoint half-way; an fsdp
+run resumes from the single-process checkpoint and a zero1 run from the fsdp one. Back in one process,
+runs resume from the fsdp and zero1 checkpoints. Every run's final parameters go to OUT_DIR/<name>.pt
+(full state dicts, CPU), and collective counts per micro-step to OUT_DIR/comm.json. The test compares
+them; this script asserts nothing.
 """
 
 from __future__ import annotations
@@ -193,6 +193,7 @@ def worker(rank: int, port: int, out: Path) -> None:
     run("fsdp_keep_accum2", out, env, "fsdp", accum=2, reshard_after_forward=False)
     run("zero1", out, env, "zero1", save_dir=out / "ckpt_zero1")
     run("fsdp_from_single", out, env, "fsdp", resume_from=out / "ckpt_single")
+    run("zero1_from_fsdp", out, env, "zero1", resume_from=out / "ckpt_fsdp")
     for strategy in ("ddp", "fsdp", "zero1"):
         run(f"{strategy}_fp32", out, env, strategy, dtype=torch.float32)
     _log("counting collectives")
