@@ -182,6 +182,8 @@ def test_files_and_texts_train_the_same(tmp_path):
     from_files = Tokenizer.train([a, b], 400, progress=False)
     from_texts = Tokenizer.train([MIXED * 3, "more text, more words\n" * 4], 400, progress=False)
     assert from_files.merges == from_texts.merges
+    from_names = Tokenizer.train([str(a), str(b)], 400, progress=False)  # path strings, as HF's train(files)
+    assert from_names.merges == from_texts.merges
 
 
 def test_parallel_counting_equals_serial(tmp_path, monkeypatch, shakespeare):

@@ -146,7 +146,8 @@ class Tokenizer:
         workers: int | None = None,
         errors: Literal["strict", "replace"] = "strict",
     ) -> Tokenizer:
-        """Learn a byte-level BPE from texts (`str` items) and/or files (`pathlib.Path` items).
+        """Learn a byte-level BPE from texts (`str` items) and/or files (`pathlib.Path` items; a short
+        one-line `str` naming an existing file is read as that file too).
 
         See `gpt2kit.tokenizer.train.learn_bpe` for the algorithm and its tie-break rule.
         """

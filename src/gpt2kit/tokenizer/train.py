@@ -108,6 +108,12 @@ def _count_task(task: tuple[list, str | None, bool, str]) -> tuple[Counter, int]
     return _count_into(Counter(), sources, normalization, lowercase, errors, done), chars
 
 
+def _names_a_file(item: str) -> bool:
+    """A short one-line str that is the path of an existing file is read as that file (as Hugging Face's
+    `train(files)` would); anything else is text. Pass `pathlib.Path` to be explicit."""
+    return len(item) < 4096 and "\n" not in item and os.path.isfile(item)
+
+
 def _as_sources(texts_or_files) -> list[str | Path]:
     if isinstance(texts_or_files, (str, os.PathLike)):
         texts_or_files = [texts_or_files]
@@ -120,6 +126,8 @@ def _as_sources(texts_or_files) -> list[str | Path]:
             if not p.is_file():
                 raise UserError(f"input is not a file: {p}")
             sources.append(p)
+        elif isinstance(item, str) and _names_a_file(item):
+            sources.append(Path(item))
         elif isinstance(item, str):
             sources.extend(split_for_workers(item))
         else:
