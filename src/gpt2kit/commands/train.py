@@ -15,12 +15,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..train.config import KEYS, field_type, flag_name, suggest_key
+from ..train.config import HELP, KEYS, field_type, flag_name, suggest_key
 
 _OWN_FLAGS = {"config", "resume", "overwrite"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--config", metavar="FILE.toml", help="TOML config ([model] [data] [optim] [run] or flat keys)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its newest sound checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="start over in an --out that already holds checkpoints")
@@ -28,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for key, (section, f) in KEYS.items():
         typ = field_type(f)
         default = f.default
-        help_text = f"(default: {default if default not in (None, '') else 'from preset/data' if section == 'model' else '-'})"
+        shown = default if default not in (None, "") else ("preset/data" if section == "model" else "none")
+        help_text = f"{HELP.get(key, '')} (default: {shown})"
         if typ is bool:
             groups[section].add_argument(
                 flag_name(key), dest=key, nargs="?", const="true", default=argparse.SUPPRESS,

@@ -102,6 +102,36 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+HELP: dict[str, str] = {
+    "preset": "model preset: gpt2, gpt2-medium, gpt2-large, gpt2-xl, gpt2-tiny, gpt2-mini, gpt2-small-cpu",
+    "n_layer": "transformer blocks", "n_head": "attention heads", "n_embd": "model width",
+    "n_ctx": "context length (learned positions); >= block size", "vocab_size": "at least the shards' vocabulary",
+    "dropout": "dropout on embeddings, residual and FFN outputs", "attn_dropout": "dropout on attention weights",
+    "grad_checkpointing": "recompute each block in backward: less memory, ~1/3 more compute",
+    "init_from": "start from this checkpoint directory instead of random weights",
+    "data": "shard directory from `gpt2kit data prepare`", "block_size": "tokens per training row",
+    "batch_size": "rows per micro-batch (per process under torchrun)", "mode": "packed or padded rows",
+    "seq_len": "dynamic lengths: uniform:64,128,256 | uniform:128@1,256@3 | schedule:0=128,1000=256",
+    "eval_batch_size": "validation batch size (0: --batch-size)",
+    "eval_batches": "validation batches per evaluation (0: the whole split)",
+    "lr": "peak learning rate", "schedule": "cosine | inverse_sqrt | constant",
+    "warmup_steps": "linear warm-up steps", "min_lr": "floor of the cosine schedule",
+    "beta1": "AdamW beta1", "beta2": "AdamW beta2", "eps": "AdamW epsilon",
+    "weight_decay": "AdamW decay on 2-D weight matrices only", "grad_clip": "max global gradient norm (0: off)",
+    "grad_accum": "micro-batches per optimizer step", "out": "run directory",
+    "max_steps": "optimizer steps", "eval_every": "evaluate every N steps (0: at the end)",
+    "save_every": "checkpoint every N steps (0: at the end)", "keep_last": "step checkpoints kept",
+    "log_every": "metrics.jsonl row every N steps", "seed": "random seed (weights, data order, dropout)",
+    "device": "auto | cpu | cuda | cuda:N | mps", "dtype": "fp32 | bf16 (autocast) | fp16 (CUDA, grad scaler)",
+    "compile": "torch.compile the model", "strategy": "under torchrun: ddp | fsdp | zero1",
+    "reshard_after_forward": "fsdp: free gathered parameters after forward (ZeRO-3) or keep them (ZeRO-2)",
+    "max_bad_steps": "non-finite steps in a row that stop the run",
+    "time_limit": "seconds of training: max_steps is lowered early to fit (0: off)",
+    "tensorboard": "also write TensorBoard events (if installed)", "progress": "show the progress bar",
+    "threads": "torch CPU threads (0: default)",
+}
+
+
 def _key_index() -> dict[str, tuple[str, dataclasses.Field]]:
     """Every key name -> (section, field). Names are unique across sections by construction."""
     index: dict[str, tuple[str, dataclasses.Field]] = {}
