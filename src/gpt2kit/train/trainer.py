@@ -404,6 +404,8 @@ class Trainer:
         self.tokens_seen = 0
         if state is not None:
             self._restore(state, resume_dir)
+        if overwrite and not resume:
+            self._clear_old_run()
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "config.toml", to_toml(cfg))
@@ -421,7 +423,11 @@ class Trainer:
                 f"run directory {self.run_dir} already holds checkpoints ({existing[-1].name}); "
                 "pass --resume to continue it or --overwrite to start over"
             )
-        if self.env.is_main:
+
+    def _clear_old_run(self) -> None:
+        """--overwrite: remove the previous run's outputs, only once everything else has been checked."""
+        existing = ckpt.list_step_dirs(self.run_dir)
+        if self.env.is_main and existing:
             import shutil
 
             for p in [*existing, self.run_dir / "best", self.run_dir / "latest", self.run_dir / "metrics.jsonl"]:
