@@ -85,6 +85,15 @@ def test_transformers_opens_saved_dirs_with_identical_ids(gpt2, learned, tmp_pat
         assert hf.decode(tok.encode_ordinary(TEXT)) == TEXT
 
 
+def test_transformers_adds_no_token_when_there_are_no_specials(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    tok = Tokenizer.train(TEXT * 10, 300, special_tokens=[], progress=False)
+    tok.save(tmp_path)
+    hf = transformers.GPT2TokenizerFast.from_pretrained(tmp_path)
+    assert len(hf) == tok.vocab_size == 300
+    assert hf(TEXT)["input_ids"] == tok.encode_ordinary(TEXT)
+
+
 def test_tiktoken_rank_file_round_trip(learned, tmp_path):
     from tiktoken.load import load_tiktoken_bpe
 

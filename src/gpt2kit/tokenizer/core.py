@@ -421,9 +421,10 @@ class Tokenizer:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         write_vocab_and_merges(d / "vocab.json", d / "merges.txt", self._ranks, self._merges, self._special)
-        specials_map: dict = {}
-        if EOS in self._special:
-            specials_map = {"bos_token": EOS, "eos_token": EOS, "unk_token": EOS}
+        # GPT-2 uses <|endoftext|> as bos/eos/unk. Without it, say so explicitly: transformers would
+        # otherwise add its default "<|endoftext|>" as an extra token.
+        eos = EOS if EOS in self._special else None
+        specials_map: dict = {"bos_token": eos, "eos_token": eos, "unk_token": eos}
         extra = [s for s in self._special if s != EOS]
         if extra:
             specials_map["additional_special_tokens"] = extra
