@@ -65,13 +65,18 @@ def test_without_torchrun_variables_it_is_one_process_and_no_process_group():
         ({"RANK": "0", "WORLD_SIZE": "2"}, "MASTER_ADDR"),
         ({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}, "RANK < WORLD_SIZE"),
         ({"RANK": "zero", "WORLD_SIZE": "2"}, "RANK='zero'"),
+        ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1", "_DEVICE": "meta"},
+         "only cpu"),
     ],
 )
 def test_a_broken_launch_environment_is_one_clear_error(monkeypatch, env_vars, message):
+    env_vars = dict(env_vars)
+    device = env_vars.pop("_DEVICE", "cpu")
     for k, v in env_vars.items():
         monkeypatch.setenv(k, v)
     with pytest.raises(UserError, match=message):
-        D.init_distributed("cpu")
+        D.init_distributed(device)
+    assert not torch.distributed.is_initialized()
 
 
 def test_cuda_without_a_gpu_is_a_user_error():

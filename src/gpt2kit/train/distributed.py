@@ -113,6 +113,8 @@ def init_distributed(device: str | torch.device | None = None, timeout_s: float 
         if name not in os.environ:
             raise UserError(f"RANK is set but {name} is not: start the job with torchrun")
     dev = _resolve_device(device, local_rank, distributed=True)
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {dev.type}: under torchrun only cpu (Gloo) and cuda (NCCL) are supported")
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if not dist.is_initialized():
         kwargs: dict[str, Any] = {}
