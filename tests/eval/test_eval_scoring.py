@@ -208,3 +208,27 @@ def test_head_at_scored_positions_only_gives_the_full_head_numbers():
     n = len(r.context)
     expected = [float(lp[n - 1 + i, t]) for i, t in enumerate(r.continuation)]
     assert all(close(x, y, 1e-4) for x, y in zip(fast[0].token_logprobs, expected))
+
+
+def test_models_that_use_the_head_weight_directly_fall_back_to_full_logits():
+    class WeightHead(torch.nn.Module):
+        """Reads lm_head.weight itself, so the head cannot be swapped for the scored rows."""
+
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb = torch.nn.Embedding(20, 8)
+            self.lm_head = torch.nn.Linear(8, 20, bias=False)
+            self.config = TableLM(torch.zeros(20, 20), n_ctx=16).config
+
+        def forward(self, idx):
+            from types import SimpleNamespace
+
+            return SimpleNamespace(logits=self.emb(idx) @ self.lm_head.weight.t())
+
+    model = WeightHead()
+    requests = [Request([1, 2, 3], [4, 5]), Request([6], [7])]
+    got = score_requests(model, requests)
+    want = score_requests(model, requests, select_positions=False)
+    assert [a.logprob for a in got] == pytest.approx([b.logprob for b in want])
+    assert isinstance(model.lm_head, torch.nn.Linear)

@@ -89,6 +89,21 @@ def _head_at_positions(model, rows: torch.Tensor, cols: torch.Tensor):
         model.lm_head = head
 
 
+def _logits_at_positions(model, idx: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor):
+    """Logits [N, V] at (rows, cols) with the head run only there, or None if the model does not end
+    in `self.lm_head(hidden)` (no such module, or its forward uses the head some other way)."""
+    if not isinstance(getattr(model, "lm_head", None), torch.nn.Module):
+        return None
+    try:
+        with _head_at_positions(model, rows, cols):
+            logits = model(idx).logits
+    except (AttributeError, TypeError, IndexError, RuntimeError):
+        return None
+    if logits.dim() != 3 or logits.shape[:2] != (1, len(rows)):
+        return None
+    return logits[0]
+
+
 def _model_input(request: Request, n_ctx: int) -> list[int]:
     if len(request.context) == 0:
         raise ValueError("a request's context must hold at least one token (use EOS for no context)")
@@ -148,10 +163,11 @@ def score_requests(
                 targets.extend(cont)
                 counts.append(len(cont))
             row_t, col_t = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
-            if select_positions and isinstance(getattr(model, "lm_head", None), torch.nn.Module):
-                with _head_at_positions(model, row_t, col_t):
-                    picked = model(idx.to(device)).logits[0]
-            else:
+            picked = None
+            if select_positions:
+                picked = _logits_at_positions(model, idx.to(device), row_t, col_t)
+                select_positions = picked is not None  # a model it does not work for: stop trying
+            if picked is None:
                 picked = model(idx.to(device)).logits[row_t, col_t]
             logprobs = torch.log_softmax(picked.float(), dim=-1)
             target = torch.tensor(targets, device=device)
