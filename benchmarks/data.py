@@ -33,26 +33,42 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 
 _OURS = r"""
-import json, sys, time
+import json, resource, sys, time
 from gpt2kit.data.shards import prepare
 from gpt2kit.tokenizer import Tokenizer
 tok_dir, out, workers, dedup = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
 tok = Tokenizer.from_pretrained(tok_dir)
 tok.tiktoken_encoding  # build the encoder (the peer's is built before timing too)
-t = time.perf_counter()
+def cpu():
+    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+t, c = time.perf_counter(), cpu()
 r = prepare(None, tok, out, val_fraction=0.005, workers=workers, dedup=dedup, progress=False)
-print(json.dumps({"seconds": time.perf_counter() - t, "bytes": r.input_bytes, "dedup": r.meta["dedup"],
-                  "tokens": sum(s["tokens"] for s in r.meta["splits"].values())}))
+print(json.dumps({"seconds": time.perf_counter() - t, "cpu_seconds": cpu() - c, "bytes": r.input_bytes,
+                  "dedup": r.meta["dedup"], "tokens": sum(s["tokens"] for s in r.meta["splits"].values())}))
 """
 
 
 def _tree_rss(proc: psutil.Process) -> int:
     total = 0
-    for p in [proc, *proc.children(recursive=True)]:
+    try:
+        tree = [proc, *proc.children(recursive=True)]
+    except psutil.Error:  # the process has just ended
+        return 0
+    for p in tree:
         try:
             total += p.memory_info().rss
         except psutil.Error:
             pass
+    return total
+
+
+def _pool_cpu(pool) -> float:
+    """CPU seconds used so far by the pool's worker processes."""
+    total = 0.0
+    for w in pool._pool:
+        t = psutil.Process(w.pid).cpu_times()
+        total += t.user + t.system
     return total
 
 
@@ -111,6 +127,7 @@ def main() -> None:
 
     from gpt2kit.data.readers import default_corpus
 
+    load_start = round(os.getloadavg()[0], 1)
     texts = [d.text for d in default_corpus()]
     nbytes = sum(len(t.encode("utf-8")) for t in texts)
     enc = _tiktoken_encoding(args.tokenizer)
@@ -120,16 +137,19 @@ def main() -> None:
 
     res: dict[str, list[float]] = {k: [] for k in ("tiktoken_threads", "tiktoken_pool", "ours", "ours_no_dedup",
                                                    "ours_cli_cold")}
+    cpu: dict[str, list[float]] = {k: [] for k in ("tiktoken_threads", "tiktoken_pool", "ours", "ours_no_dedup")}
     rss: dict[str, list[int]] = {"ours": [], "ours_no_dedup": [], "ours_cli_cold": []}
     tokens = {}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             n_threads = sum(len(x) for x in enc.encode_ordinary_batch(texts, num_threads=args.workers))
             res["tiktoken_threads"].append(nbytes / 1e6 / (time.perf_counter() - t))
-            t = time.perf_counter()
+            cpu["tiktoken_threads"].append(nbytes / 1e6 / (time.process_time() - c))
+            t, c, pc = time.perf_counter(), time.process_time(), _pool_cpu(pool)
             n_pool = sum(pool.map(_pool_encode, texts, chunksize=8))
             res["tiktoken_pool"].append(nbytes / 1e6 / (time.perf_counter() - t))
+            cpu["tiktoken_pool"].append(nbytes / 1e6 / (time.process_time() - c + _pool_cpu(pool) - pc))
             assert n_threads == n_pool
             tokens["tiktoken"] = n_threads
             for key, dedup in (("ours", "1"), ("ours_no_dedup", "0")):
@@ -137,6 +157,7 @@ def main() -> None:
                                                 str(args.workers), dedup])
                 info = json.loads(out)
                 res[key].append(info["bytes"] / 1e6 / info["seconds"])
+                cpu[key].append(info["bytes"] / 1e6 / info["cpu_seconds"])
                 rss[key].append(peak)
                 tokens[key] = info["tokens"]
                 if key == "ours":
@@ -150,15 +171,20 @@ def main() -> None:
 
     med = {k: statistics.median(v) for k, v in res.items()}
     base = max(med["tiktoken_threads"], med["tiktoken_pool"])
+    cmed = {k: statistics.median(v) for k, v in cpu.items()}
+    cbase = max(cmed["tiktoken_threads"], cmed["tiktoken_pool"])
     print(json.dumps({
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load avg {os.getloadavg()[0]:.1f}",
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "load_avg_start_end": [load_start, round(os.getloadavg()[0], 1)],
         "corpus": {"documents": len(texts), "mb": round(nbytes / 1e6, 2)},
         "workers": args.workers,
         "rounds": args.rounds,
         "mb_per_s_median": {k: round(v, 2) for k, v in med.items()},
         "mb_per_s_all": {k: [round(x, 2) for x in v] for k, v in res.items()},
         "ratio_vs_tiktoken": {k: round(med[k] / base, 3) for k in ("ours", "ours_no_dedup", "ours_cli_cold")},
+        "mb_per_cpu_s_median": {k: round(v, 2) for k, v in cmed.items()},
+        "cpu_ratio_vs_tiktoken": {k: round(cmed[k] / cbase, 3) for k in ("ours", "ours_no_dedup")},
         "peak_rss_mb_max": {k: round(max(v) / 1e6, 1) for k, v in rss.items()},
         "tokens": tokens,
         "dedup": {k: dedup_info[k] for k in ("exact_removed", "near_removed", "threshold")},

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-EMPTY = np.uint64(1 << 32)  # bin value meaning "no shingle fell here" (real values are < 2**32)
-_MASK32 = np.uint64(0xFFFFFFFF)
+EMPTY = np.uint32(0xFFFFFFFF)  # bin value meaning "no shingle fell here" (a real 0xFFFFFFFF reads as empty: p=2**-32)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _PROBES = 1024  # probe sequence length for empty bins
 _FIRST_PROBES = 8
@@ -77,14 +77,22 @@ def shingle_hashes(ids: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
 
 
 def minhash_bins(ids: np.ndarray, num_perm: int = 128, shingle: int = 4, seed: int = 0) -> np.ndarray:
-    """One-permutation MinHash bins of the shingles of `ids` (uint64; EMPTY where no shingle landed)."""
-    if num_perm & (num_perm - 1) or not 2 <= num_perm <= 1 << 16:
-        raise ValueError(f"num_perm must be a power of two in [2, 65536], got {num_perm}")
-    bins = np.full(num_perm, EMPTY, dtype=np.uint64)
+    """One-permutation MinHash bins of the shingles of `ids` (uint32; EMPTY where no shingle landed).
+
+    A shingle's bin is the top log2(num_perm) bits of its hash, its value the low 32 bits -- both read
+    through little-endian views of the hash array rather than computed with extra passes over it.
+    """
+    if num_perm & (num_perm - 1) or not 2 <= num_perm <= 1 << 8:
+        raise ValueError(f"num_perm must be a power of two in [2, 256], got {num_perm}")
+    bins = np.full(num_perm, EMPTY, dtype=np.uint32)
     h = shingle_hashes(ids, shingle, seed)
-    if len(h):
-        which = (h >> np.uint64(64 - (num_perm.bit_length() - 1))).astype(np.intp)  # top log2(K) bits
-        np.minimum.at(bins, which, h & _MASK32)
+    shift = num_perm.bit_length() - 1
+    if len(h) and sys.byteorder == "little":
+        which = h.view(np.uint8)[7::8] >> np.uint8(8 - shift)  # bits 56..63, shifted to the top `shift`
+        np.minimum.at(bins, which, h.view(np.uint32)[::2])  # bits 0..31
+    elif len(h):
+        which = (h >> np.uint64(64 - shift)).astype(np.intp)
+        np.minimum.at(bins, which, (h & np.uint64(0xFFFFFFFF)).astype(np.uint32))
     return bins
 
 
@@ -99,10 +107,10 @@ def densify(bins: np.ndarray, seed: int = 0) -> np.ndarray:
     """The uint32 signature from one-permutation bins: an empty bin takes the value of the first
     non-empty bin along its own fixed random probe sequence ("optimal densification", Shrivastava
     2017), which keeps Pr[slot equal] = Jaccard even for short documents. All-empty -> zeros."""
-    bins = np.asarray(bins, dtype=np.uint64)
+    bins = np.asarray(bins, dtype=np.uint32)
     filled = bins != EMPTY
     if filled.all():
-        return bins.astype(np.uint32)
+        return bins.copy()
     nonempty = np.flatnonzero(filled)
     if len(nonempty) == 0:
         return np.zeros(len(bins), dtype=np.uint32)
@@ -119,7 +127,7 @@ def densify(bins: np.ndarray, seed: int = 0) -> np.ndarray:
         src[slow[~hits.any(axis=1)]] = nonempty[0]  # no hit in _PROBES tries (p < 3e-4 with one full bin)
     out = bins.copy()
     out[empty] = bins[src]
-    return out.astype(np.uint32)
+    return out
 
 
 @functools.lru_cache(maxsize=64)
