@@ -49,7 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
             if e.name != f"gpt2kit.commands.{module}":
                 raise
             continue  # command not built yet
-        p = sub.add_parser(name, help=help_text, description=(mod.__doc__ or help_text).strip())
+        # raw description: command docstrings carry usage examples whose line breaks matter
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=(mod.__doc__ or help_text).strip(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
     return parser
