@@ -87,3 +87,25 @@ def train_checkpoint(run_dir: Path, shards: Path, steps: int, seed: int = 0, ini
     flat.update(overrides)
     result = train(build_config(flat))
     return Path(result.last_checkpoint)
+
+
+_WORKSPACE: dict[str, Path] = {}
+
+
+def workspace() -> dict[str, Path]:
+    """Built once per test process and shared by the post tests: tokenizer, shards of two domains, and a
+    tiny model trained on domain A (the paths live in a temporary directory removed at exit)."""
+    if _WORKSPACE:
+        return _WORKSPACE
+    import atexit
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="gpt2kit-post-"))
+    atexit.register(shutil.rmtree, root, True)
+    make_tokenizer(root / "tok")
+    shards_a = make_shards(root / "shards_a", corpus(1200, seed=3), root / "tok")
+    shards_b = make_shards(root / "shards_b", corpus(600, seed=4, vocab=DOMAIN_B), root / "tok")
+    ckpt = train_checkpoint(root / "run_a", shards_a, steps=100)
+    _WORKSPACE.update(root=root, tok=root / "tok", shards_a=shards_a, shards_b=shards_b, ckpt=ckpt)
+    return _WORKSPACE

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from post_helpers import corpus, make_shards, make_tokenizer, random_checkpoint, train_checkpoint
+from post_helpers import corpus, random_checkpoint, workspace
 
 from gpt2kit.cli import main
 from gpt2kit.errors import UserError
@@ -19,19 +19,14 @@ from gpt2kit.post.quantize import QuantSpec, quantize_checkpoint, quantize_tenso
 
 
 @pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tok")
-    make_tokenizer(d)
-    return d
+def tok_dir():
+    return workspace()["tok"]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tok_dir):
-    """A tiny GPT-2 trained for 150 steps on the synthetic corpus, and held-out text from the same source."""
-    root = tmp_path_factory.mktemp("trained")
-    shards = make_shards(root / "shards", corpus(1500, seed=3), tok_dir)
-    ckpt = train_checkpoint(root / "run", shards, steps=150)
-    return ckpt, corpus(120, seed=99)
+def trained():
+    """A tiny GPT-2 trained briefly on the synthetic corpus, and held-out text from the same source."""
+    return workspace()["ckpt"], corpus(120, seed=99)
 
 
 # ----- the math ----------------------------------------------------------------------------------------

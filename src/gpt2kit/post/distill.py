@@ -96,7 +96,7 @@ def student_overrides(student: str) -> dict[str, Any]:
 
 
 def distill(teacher_dir: str | Path, student: str, data: str | Path, out: str | Path, alpha: float = 0.5,
-            tau: float = 2.0, overrides: dict[str, Any] | None = None, overwrite: bool = False):
+            tau: float = 1.0, overrides: dict[str, Any] | None = None, overwrite: bool = False):
     """Distil `teacher_dir` into a fresh student (preset or config) on shards `data`; returns the TrainResult."""
     from ..data import check_fingerprint, read_meta
     from ..model import GPT2
