@@ -55,6 +55,9 @@ class Tokenizer:
         self._ranks = dict(ranks)
         self._merges = list(merges)
         self._special = dict(special_tokens or {})
+        from .io import check_ranks_follow_merges
+
+        check_ranks_follow_merges(self._ranks, self._merges, "Tokenizer(ranks, merges)")
         clash = set(self._special.values()) & set(self._ranks.values())
         if clash:
             raise UserError(f"special token ids {sorted(clash)[:5]} are also ids of byte-level tokens")
@@ -169,10 +172,12 @@ class Tokenizer:
 
     def with_engine(self, engine: Literal["tiktoken", "python"]) -> Tokenizer:
         """The same tokenizer on another engine ("python" is the pure-Python reference)."""
-        tok = Tokenizer(
-            self._ranks, self._merges, self._special, self._normalization, self._lowercase, engine, self.name
-        )
-        tok._tiktoken, tok._reference, tok._fingerprint = self._tiktoken, self._reference, self._fingerprint
+        import copy
+
+        if engine not in ENGINES:
+            raise UserError(f"unknown tokenizer engine {engine!r}: expected one of {', '.join(ENGINES)}")
+        tok = copy.copy(self)  # shares the read-only tables and whatever engines are built already
+        tok.engine = engine
         return tok
 
     # ---------------------------------------------------------------- properties
