@@ -193,3 +193,15 @@ def test_default_corpus_is_the_standard_library():
     sources = [d.source for d in default_corpus()]
     assert len(sources) == len(set(sources)) > len(files)  # + one document per pydoc help topic
     assert any(s.startswith("pydoc_data.topics:") for s in sources)
+
+
+def test_separated_documents_larger_than_a_part(tok_dir, tmp_path):
+    rng = random.Random(4)
+    docs = [random_text(rng, rng.choice([5, 60, 400])) for _ in range(30)]
+    src = write_text(tmp_path / "docs.txt", "\n===\n".join(docs) + "\n===\n")
+    tok = Tokenizer.from_pretrained(tok_dir)
+    out = tmp_path / "o"
+    prepare([str(src)], tok_dir, out, workers=2, read=ReadOptions(split_on="\n===\n", max_piece_chars=300),
+            dedup=False, progress=False)
+    assert list(iter_split_documents(out, "train", tok)) == docs
+    assert _bin(out, "train").tolist() == [i for d in docs for i in tok.encode_ordinary(d) + [tok.eos_id]]

@@ -237,7 +237,8 @@ def _iter_text(path: str, opts: ReadOptions, explicit: bool, stats: ReadStats) -
             if final:
                 break
             while len(buf) > limit:  # an oversized document: hand on a part now
-                cut = _safe_cut(buf, limit) or len(buf) - len(buf) % limit  # no whitespace: hard cut
+                # never cut into a separator that may be completed by the next block
+                cut = _safe_cut(buf, min(limit, len(buf) - len(sep or ""))) or limit  # no whitespace: hard cut
                 yield Piece(buf[:cut], source(), False)
                 buf, open_doc = buf[cut:], True
     if not any_bytes:

@@ -276,6 +276,12 @@ def prepare(
     read = read or ReadOptions()
     splitter = SplitAssigner(val_fraction, seed)
     files = resolve_inputs(inputs) if inputs is not None else None  # fail fast on missing inputs
+    if not 0.0 < near_dup_threshold <= 1.0:
+        raise UserError(f"--near-dup-threshold must be in (0, 1], got {near_dup_threshold}")
+    if workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
+    if train_tokenizer_vocab is not None and files is not None and any(f.path == "-" for f in files):
+        raise UserError("--train-tokenizer reads the inputs twice, so it cannot take stdin (-): pass files")
     out_dir = Path(out_dir)
     t0 = time.perf_counter()
 
