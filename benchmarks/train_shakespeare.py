@@ -73,7 +73,7 @@ def main() -> None:
     train_text, val_text = text[: int(n * 0.9)], text[int(n * 0.9) :]
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="shakespeare-"))
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     tok = Tokenizer.train([train_text], args.vocab_size, progress=False)
     t_tok = time.perf_counter() - t0
     meta = write_shards(work / "shards", tok, train_text, val_text)
@@ -93,6 +93,7 @@ def main() -> None:
     trainer.close()
     t_train = time.perf_counter() - t1
     wall = time.perf_counter() - t0
+    cpu = time.process_time() - c0  # CPU seconds of all threads: steadier than wall on a busy machine
     v = result.val
     if v is None:
         sys.exit(f"training stopped early at step {result.step} ({result.stopped_by}); no result")
@@ -115,6 +116,7 @@ def main() -> None:
         "val_loss_nats_per_char": v["val_bpc"] * math.log(2),
         "val_bpc": v["val_bpc"],
         "wall_s": wall,
+        "cpu_s": cpu,
         "wall_tokenizer_s": t_tok,
         "wall_shards_s": t_data,
         "wall_train_and_eval_s": t_train,
