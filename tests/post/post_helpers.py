@@ -79,13 +79,17 @@ def random_checkpoint(directory: Path, tokenizer, seed: int = 0, **kw) -> Path:
 def train_checkpoint(run_dir: Path, shards: Path, steps: int, seed: int = 0, init_from: str = "", **overrides) -> Path:
     """Train with gpt2kit's trainer; returns the final checkpoint directory."""
     from gpt2kit.train.config import build_config
-    from gpt2kit.train.trainer import train
+    from gpt2kit.train.trainer import Trainer
 
     flat = dict(data=str(shards), out=str(run_dir), preset="gpt2-tiny", n_ctx=64, block_size=32, batch_size=8,
                 max_steps=steps, lr=3e-3, warmup_steps=10, eval_every=0, save_every=0, log_every=10 ** 6,
                 seed=seed, progress=False, dropout=0.0, attn_dropout=0.0, init_from=init_from, device="cpu")
     flat.update(overrides)
-    result = train(build_config(flat))
+    trainer = Trainer(build_config(flat), log=lambda message: None)
+    try:
+        result = trainer.fit()
+    finally:
+        trainer.close()
     return Path(result.last_checkpoint)
 
 

@@ -57,6 +57,7 @@ def test_distilled_student_beats_scratch_and_teacher_is_untouched(tmp_path):
 
 def test_cli_refuses_teacher_student_tokenizer_mismatch(tmp_path, capsys):
     ws = workspace()
+    capsys.readouterr()
     other = make_tokenizer(tmp_path / "tok2", vocab_size=300)
     cfg = GPT2.from_pretrained(ws["ckpt"]).config.replace(vocab_size=300, eos_token_id=other.eos_id)
     GPT2(cfg).save_pretrained(tmp_path / "teacher2", tokenizer=other)

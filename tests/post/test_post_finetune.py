@@ -17,8 +17,8 @@ from gpt2kit.post.finetune import completion_batch, completion_rows, finetune_js
 def test_finetune_on_new_domain_lowers_its_val_loss(tmp_path):
     ws = workspace()
     result = finetune_shards(ws["ckpt"], ws["shards_b"], tmp_path / "ft",
-                             {"max_steps": 30, "lr": 3e-3, "warmup_steps": 5, "block_size": 32, "progress": False,
-                              "device": "cpu", "eval_batches": 8})
+                             {"max_steps": 20, "lr": 3e-3, "warmup_steps": 5, "block_size": 32, "progress": False,
+                              "device": "cpu", "eval_batches": 4})
     assert result.after["val_loss"] < result.before["val_loss"] - 0.5
     assert (result.checkpoint / "model.safetensors").exists()
 
@@ -82,6 +82,7 @@ def test_jsonl_instruction_tuning_lowers_completion_loss(tmp_path):
 
 def test_cli_refuses_bad_jsonl_quantized_init_and_other_tokenizer(tmp_path, capsys):
     ws = workspace()
+    capsys.readouterr()
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n')
     assert main(["finetune", "--init", str(ws["ckpt"]), "--jsonl", str(tmp_path / "bad.jsonl"),
                  "--out", str(tmp_path / "o")]) == 2
