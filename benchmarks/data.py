@@ -182,7 +182,19 @@ def main() -> None:
         "rounds": args.rounds,
         "mb_per_s_median": {k: round(v, 2) for k, v in med.items()},
         "mb_per_s_all": {k: [round(x, 2) for x in v] for k, v in res.items()},
+        "mb_per_cpu_s_all": {k: [round(x, 2) for x in v] for k, v in cpu.items()},
         "ratio_vs_tiktoken": {k: round(med[k] / base, 3) for k in ("ours", "ours_no_dedup", "ours_cli_cold")},
+        # each round's ratio against the faster peer of the same round (pairs share the machine's load)
+        "paired_ratio_median": {
+            k: round(statistics.median(o / max(a, b) for o, a, b in zip(res[k], res["tiktoken_threads"],
+                                                                         res["tiktoken_pool"])), 3)
+            for k in ("ours", "ours_no_dedup", "ours_cli_cold")
+        },
+        "paired_cpu_ratio_median": {
+            k: round(statistics.median(o / max(a, b) for o, a, b in zip(cpu[k], cpu["tiktoken_threads"],
+                                                                         cpu["tiktoken_pool"])), 3)
+            for k in ("ours", "ours_no_dedup")
+        },
         "mb_per_cpu_s_median": {k: round(v, 2) for k, v in cmed.items()},
         "cpu_ratio_vs_tiktoken": {k: round(cmed[k] / cbase, 3) for k in ("ours", "ours_no_dedup")},
         "peak_rss_mb_max": {k: round(max(v) / 1e6, 1) for k, v in rss.items()},
