@@ -26,7 +26,8 @@ import sys
 import time
 
 CASES = {"train-4x256": (4, 256), "train-1x1024": (1, 1024), "prefill-1024": (1, 1024)}
-IMPLS = ["gpt2kit", "nanogpt", "transformers"]
+IMPLS = ["gpt2kit", "nanogpt", "nanogpt-fused", "transformers"]
+PEERS = ("nanogpt", "transformers")  # as their authors ship them; nanogpt-fused is a control (see --help)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -289,32 +290,35 @@ def worker(impl: str, case: str, steps: int, threads: int, optimizer: str) -> di
     loss_fn, last_fn, model, opt = build(impl, optimizer)
     g = torch.Generator().manual_seed(1)
     idx = torch.randint(0, 50257, (B, T), generator=g)
-    times = []
+    times, cpu_times = [], []
     if case.startswith("train"):
         model.train()
         # transformers shifts labels inside; give the others the same next-token targets
         targets = idx if impl == "transformers" else torch.cat([idx[:, 1:], idx[:, :1]], dim=1)
         for step in range(steps + 1):  # the first step warms up (allocations, optimizer state)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             loss = loss_fn(idx, targets)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             if step:
                 times.append(time.perf_counter() - t0)
+                cpu_times.append(time.process_time() - c0)
         result = {"tokens_per_s": B * T / statistics.median(times), "loss": float(loss)}
     else:
         model.eval()
         with torch.no_grad():
             for step in range(steps + 1):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 logits = last_fn(idx)
                 if step:
                     times.append(time.perf_counter() - t0)
+                    cpu_times.append(time.process_time() - c0)
         assert logits.shape[-1] == 50257 and logits.shape[1] == 1
         result = {"seconds": statistics.median(times)}
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    return result | {"impl": impl, "case": case, "times": times, "peak_rss_gib": peak_rss / 2**30}
+    return result | {"impl": impl, "case": case, "times": times, "cpu_times": cpu_times,
+                     "peak_rss_gib": peak_rss / 2**30}
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -333,8 +337,11 @@ def run_one(impl, case, args, optimizer) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
-    ap.add_argument("--impls", nargs="+", default=IMPLS + ["gpt2kit-foreach"],
-                    help="gpt2kit uses fused AdamW; gpt2kit-foreach uses the peers' default (foreach) AdamW")
+    ap.add_argument("--impls", nargs="+", default=IMPLS, choices=IMPLS + ["gpt2kit-plain-adamw"],
+                    help="gpt2kit steps with fused AdamW (as gpt2kit's trainer does); nanogpt with its own "
+                         "configure_optimizers (on CPU: torch's default AdamW); nanogpt-fused = nanoGPT's "
+                         "model with fused AdamW, a control that separates model from optimizer gains; "
+                         "gpt2kit-plain-adamw = gpt2kit with torch's default AdamW")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds (one subprocess per impl each)")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per subprocess (after one warm-up)")
     ap.add_argument("--threads", type=int, default=2)
@@ -348,14 +355,14 @@ def main() -> None:
 
     runs: dict[tuple[str, str], list[dict]] = {}
     for case in args.cases:
-        impls = [i for i in args.impls if not (case.startswith("prefill") and i == "gpt2kit-foreach")]
+        impls = [i for i in args.impls if not (case.startswith("prefill") and i in ("nanogpt-fused", "gpt2kit-plain-adamw"))]
         for r in range(args.rounds):
             order = impls[r % len(impls):] + impls[: r % len(impls)]  # rotate who goes first
             for impl in order:
                 base, optimizer = impl, "default"
-                if impl == "gpt2kit":
-                    optimizer = "fused"
-                elif impl == "gpt2kit-foreach":
+                if impl in ("gpt2kit", "nanogpt-fused"):
+                    base, optimizer = impl.removesuffix("-fused"), "fused"
+                elif impl == "gpt2kit-plain-adamw":
                     base = "gpt2kit"
                 res = run_one(base, case, args, optimizer)
                 runs.setdefault((impl, case), []).append(res)
@@ -365,26 +372,32 @@ def main() -> None:
     summary: dict[str, dict] = {}
     for (impl, case), rs in runs.items():
         times = [t for r in rs for t in r["times"]]
+        cpu = [t for r in rs for t in r["cpu_times"]]
         entry = {"median_step_s": statistics.median(times), "all_step_s": [round(t, 3) for t in times],
+                 "median_cpu_s": statistics.median(cpu), "all_cpu_s": [round(t, 3) for t in cpu],
                  "peak_rss_gib": round(max(r["peak_rss_gib"] for r in rs), 3)}
         if case.startswith("train"):
             B, T = CASES[case]
             entry["tokens_per_s"] = round(B * T / entry["median_step_s"], 1)
+            # process CPU time / threads: what the step costs with the cores to itself (shared machine)
+            entry["tokens_per_s_cpu_time"] = round(B * T * args.threads / entry["median_cpu_s"], 1)
         summary.setdefault(case, {})[impl] = entry
     for entries in summary.values():
-        peers = {k: v for k, v in entries.items() if k in ("nanogpt", "transformers")}
+        peers = {k: v for k, v in entries.items() if k in PEERS}
         if not peers or "gpt2kit" not in entries:
             continue
         ours = entries["gpt2kit"]
-        fastest = min(peers, key=lambda k: peers[k]["median_step_s"])
-        entries["ratios"] = {
-            "faster_peer": fastest,
-            "speed_vs_faster_peer": round(peers[fastest]["median_step_s"] / ours["median_step_s"], 3),
-            "time_vs_transformers": round(ours["median_step_s"] / entries["transformers"]["median_step_s"], 3)
-            if "transformers" in entries else None,
-            "peak_rss_vs_nanogpt": round(ours["peak_rss_gib"] / entries["nanogpt"]["peak_rss_gib"], 3)
-            if "nanogpt" in entries else None,
-        }
+        ratios = {}
+        for clock in ("median_step_s", "median_cpu_s"):
+            fastest = min(peers, key=lambda k: peers[k][clock])  # noqa: B023
+            ratios[clock] = {
+                "faster_peer": fastest,
+                "speed_vs_faster_peer": round(peers[fastest][clock] / ours[clock], 3),
+                **{f"speed_vs_{k}": round(v[clock] / ours[clock], 3) for k, v in entries.items() if k != "gpt2kit"},
+            }
+        ratios["peak_rss_vs_nanogpt"] = (round(ours["peak_rss_gib"] / entries["nanogpt"]["peak_rss_gib"], 3)
+                                         if "nanogpt" in entries else None)
+        entries["ratios"] = ratios
     import torch
 
     print(json.dumps({
