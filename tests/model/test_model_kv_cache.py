@@ -127,3 +127,13 @@ def test_bad_inputs_name_the_problem(model):
         model(ids(1, 4), attention_mask=torch.ones(1, 5, dtype=torch.bool))
     with pytest.raises(UserError, match="batch, time"):
         model(ids(1, 4)[0])
+
+
+@torch.no_grad()
+def test_any_integer_dtype_is_accepted_and_floats_are_not(model):
+    idx = ids(2, 9, seed=11)
+    ref = model(idx).logits
+    for dtype in (torch.int32, torch.int16, torch.uint16):
+        assert torch.equal(model(idx.to(dtype)).logits, ref), dtype
+    with pytest.raises(UserError, match="integer token ids"):
+        model(idx.float())

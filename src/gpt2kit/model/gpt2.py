@@ -169,6 +169,10 @@ class GPT2(nn.Module):
             raise UserError(f"model input must be token ids of shape [batch, time], got shape {tuple(idx.shape)}")
         B, T = idx.shape
         past = kv_cache.length if kv_cache is not None else 0
+        if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+            raise UserError(f"model input must be integer token ids, got dtype {idx.dtype}")
+        if idx.dtype not in (torch.long, torch.int):
+            idx = idx.long()  # nn.Embedding takes int64 / int32 only (shards are often uint16)
         self._check_ids(idx)
 
         if attention_mask is not None:
@@ -218,8 +222,6 @@ class GPT2(nn.Module):
         return GPT2Output(None, loss, kv_cache)
 
     def _check_ids(self, idx: torch.Tensor) -> None:
-        if idx.dtype not in (torch.long, torch.int, torch.int16, torch.uint8):
-            raise UserError(f"model input must be integer token ids, got dtype {idx.dtype}")
         # an out-of-range id would be an opaque IndexError deep in nn.Embedding; check where it is free
         if idx.device.type == "cpu" and idx.numel():
             lo, hi = int(idx.min()), int(idx.max())
