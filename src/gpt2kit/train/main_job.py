@@ -75,7 +75,10 @@ def corpus_files() -> list[str]:
     # test suites, and the codec tables of encodings/ (hex literals and character names, not prose or code)
     skip = ("test", "tests", "idle_test", "encodings")
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = [f for f in default_corpus_files() if not any(p in skip for p in f.relative_to(root).parts)]
+    files = [
+        f for f in default_corpus_files()
+        if not any(p in skip for p in f.relative_to(root).parts) and f.stat().st_size > 0  # (empty __init__.py)
+    ]
     if not files:
         raise UserError("the default corpus is empty: this interpreter ships no standard-library sources")
     return [str(f) for f in files[::CORPUS_STRIDE]]
