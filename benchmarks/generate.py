@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 
@@ -111,19 +112,21 @@ def main() -> None:
                                   do_sample=False)
 
     outputs, warmup_s = {}, {}
-    for name in names:  # warm-up (and compilation) outside the timed rounds
+    for name in names:  # warm-up (and compilation) outside the timed rounds: a short run
         t = time.perf_counter()
-        outputs[name] = variants[name]()
+        prefill_time(name)
         warmup_s[name] = round(time.perf_counter() - t, 2)
 
     times = {n: [] for n in names}
     prefills = {n: [] for n in names}
-    for _ in range(args.rounds):
+    for r in range(args.rounds):
         for name in names:
             prefills[name].append(prefill_time(name))
             t = time.perf_counter()
-            variants[name]()
+            outputs[name] = variants[name]()
             times[name].append(time.perf_counter() - t)
+            print(json.dumps({"round": r, "variant": name, "seconds": round(times[name][-1], 3),
+                              "prefill_s": round(prefills[name][-1], 4)}), file=sys.stderr, flush=True)
 
     # bytes a decode step reads: every weight matrix once (the tied head counted once), at its dtype
     n_weights = sum(p.numel() for p in ours.parameters()) - ours.transformer.wpe.weight.numel()

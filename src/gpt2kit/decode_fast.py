@@ -29,17 +29,44 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return a if a.flags.c_contiguous else np.ascontiguousarray(a)
 
 
+class _Linear:
+    """One projection's weight [out, in] and bias, as numpy views and as the torch tensors they view."""
+
+    __slots__ = ("w", "b", "w_t", "b_t")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        self.w_t = weight.detach()
+        self.b_t = None if bias is None else bias.detach()
+        self.w = _np(self.w_t)
+        self.b = None if bias is None else _np(self.b_t)
+
+    def __call__(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """out = x @ w.T + b for x [B, in]."""
+        if x.shape[0] == 1:
+            # batch 1: a BLAS matrix-vector product, numpy's (multi-threaded, near memory bandwidth)
+            np.matmul(self.w, x[0], out=out[0])
+            if self.b is not None:
+                out += self.b
+        else:
+            # a few rows: numpy's small-M matrix product is slow here; torch's (MKL) is not
+            xt, ot = torch.from_numpy(x), torch.from_numpy(out)
+            if self.b_t is None:
+                torch.mm(xt, self.w_t.t(), out=ot)
+            else:
+                torch.addmm(self.b_t, xt, self.w_t.t(), out=ot)
+        return out
+
+
 class _Layer:
-    __slots__ = ("ln1_w", "ln1_b", "qkv_w", "qkv_b", "proj_w", "proj_b", "ln2_w", "ln2_b", "fc_w", "fc_b",
-                 "out_w", "out_b")
+    __slots__ = ("ln1_w", "ln1_b", "qkv", "proj", "ln2_w", "ln2_b", "fc", "out")
 
     def __init__(self, block):
         self.ln1_w, self.ln1_b = _np(block.ln_1.weight), _np(block.ln_1.bias)
-        self.qkv_w, self.qkv_b = _np(block.attn.c_attn.weight), _np(block.attn.c_attn.bias)
-        self.proj_w, self.proj_b = _np(block.attn.c_proj.weight), _np(block.attn.c_proj.bias)
+        self.qkv = _Linear(block.attn.c_attn.weight, block.attn.c_attn.bias)
+        self.proj = _Linear(block.attn.c_proj.weight, block.attn.c_proj.bias)
         self.ln2_w, self.ln2_b = _np(block.ln_2.weight), _np(block.ln_2.bias)
-        self.fc_w, self.fc_b = _np(block.mlp.c_fc.weight), _np(block.mlp.c_fc.bias)
-        self.out_w, self.out_b = _np(block.mlp.c_proj.weight), _np(block.mlp.c_proj.bias)
+        self.fc = _Linear(block.mlp.c_fc.weight, block.mlp.c_fc.bias)
+        self.out = _Linear(block.mlp.c_proj.weight, block.mlp.c_proj.bias)
 
 
 class FastDecoder:
@@ -71,7 +98,8 @@ class FastDecoder:
         self.n_head = config.n_head
         self.head_dim = config.n_embd // config.n_head
         self.eps = float(config.layer_norm_epsilon)
-        self.wte = _np(model.transformer.wte.weight)  # [V, C]; also the (tied) output head
+        self.wte = _np(model.transformer.wte.weight)  # [V, C]
+        self.head = _Linear(model.transformer.wte.weight, None)  # the tied output head
         self.wpe = _np(model.transformer.wpe.weight)  # [n_ctx, C]
         self.lnf_w, self.lnf_b = _np(model.transformer.ln_f.weight), _np(model.transformer.ln_f.bias)
         self.layers = [_Layer(b) for b in model.transformer.h]
@@ -124,7 +152,7 @@ class FastDecoder:
         scale = np.float32(1.0 / math.sqrt(D))
         for i, L in enumerate(self.layers):
             h = _layer_norm(x, L.ln1_w, L.ln1_b, self.eps, buf["h"])
-            qkv = _linear(h, L.qkv_w, L.qkv_b, buf["qkv"])
+            qkv = L.qkv(h, buf["qkv"])
             q = qkv[:, :C].reshape(B, H, 1, D)
             K, V = keys[i], values[i]  # [B, H, max_len, D] views of the cache buffers
             K[:, :, P, :] = qkv[:, C : 2 * C].reshape(B, H, D)
@@ -139,26 +167,15 @@ class FastDecoder:
             y = np.matmul(scores, V[:, :, : P + 1, :])  # [B, H, 1, D]
             att = buf["att"]
             att[...] = y.reshape(B, H * D)
-            x += _linear(att, L.proj_w, L.proj_b, buf["proj"])
+            x += L.proj(att, buf["proj"])
             h = _layer_norm(x, L.ln2_w, L.ln2_b, self.eps, buf["h"])
-            f = _gelu_tanh(_linear(h, L.fc_w, L.fc_b, buf["fc"]), buf["tmp"])
-            x += _linear(f, L.out_w, L.out_b, buf["proj"])
+            f = _gelu_tanh(L.fc(h, buf["fc"]), buf["tmp"])
+            x += L.out(f, buf["proj"])
         cache.advance(1)
         h = _layer_norm(x, self.lnf_w, self.lnf_b, self.eps, buf["h"])
-        logits = _linear(h, self.wte, None, buf["logits"])
+        logits = self.head(h, buf["logits"])
         # a view of the scratch buffer: valid until the next step, which is all a sampler needs
         return torch.from_numpy(logits)
-
-
-def _linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, out: np.ndarray) -> np.ndarray:
-    """out = x @ w.T + b with w [out_features, in_features]; one BLAS gemv per row at batch 1."""
-    if x.shape[0] == 1:
-        np.matmul(w, x[0], out=out[0])
-    else:
-        np.matmul(x, w.T, out=out)
-    if b is not None:
-        out += b
-    return out
 
 
 def _layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float, out: np.ndarray) -> np.ndarray:
