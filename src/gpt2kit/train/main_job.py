@@ -123,6 +123,8 @@ def run_main_job(overrides: dict[str, Any], overwrite: bool = False) -> int:
     trainer = Trainer(cfg, overwrite=overwrite)
     try:
         result = trainer.fit()
+        if result.stopped_by:  # Ctrl-C / SIGTERM: the trainer saved and said how to resume
+            return 0
         _say("[3/4] evaluation and sample")
         sample = _sample(trainer)
     finally:
