@@ -201,7 +201,8 @@ def test_time_limit_lowers_max_steps_and_finishes_properly(shards, tmp_path):
     result = _run(tiny_flags(shards, out, max_steps=100_000, time_limit=3.0, eval_every=0, save_every=0,
                              log_every=50, warmup_steps=10))
     assert 6 <= result.step < 100_000 and result.stopped_by is None
-    assert f"max_steps = {result.step}\n" in (out / "config.toml").read_text()  # a resume uses the new end
+    saved = (out / "config.toml").read_text()
+    assert f"max_steps = {result.step}\n" in saved and "time_limit = 0.0\n" in saved  # a resume keeps this end
     assert result.last_checkpoint.name == f"step-{result.step:06d}" and result.val is not None
     lrs = [json.loads(x)["lr"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"lr"' in x]
     assert lrs[-1] < 0.05 * 3e-3  # the cosine decayed to the new end instead of being cut off at the peak

@@ -12,6 +12,7 @@ so a resumed run is bitwise identical on CPU to one that never stopped.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import signal
@@ -750,7 +751,9 @@ class Trainer:
         r.max_steps = max(fit, self.step)
         if self.env.is_main:
             self.log(f"note: --time-limit {limit:.0f}s: training ends at step {r.max_steps}")
-            atomic_write_text(self.run_dir / "config.toml", to_toml(self.cfg))
+            # saved without the limit: a resume continues this schedule instead of fitting a new one
+            saved = dataclasses.replace(self.cfg, run=dataclasses.replace(r, time_limit=0.0))
+            atomic_write_text(self.run_dir / "config.toml", to_toml(saved))
 
     def _eval_and_keep_best(self, history: list[dict[str, Any]]) -> dict[str, float] | None:
         if self.meta["splits"]["val"]["tokens"] < 2:
