@@ -154,6 +154,7 @@ class TokenStream:
 
         ids, mask = _prepare_prompts(idx, attention_mask, config.eos_token_id, self.device)
         ids, mask = _fit_context(ids, mask, self.n_ctx, max_new_tokens, truncate)
+        ids = ids.masked_fill(~mask, self.pad_id)  # padding shows as pad_id in the output
         B, T = ids.shape
         self.batch_size, self.prompt_length = B, T
         self.padded = not bool(mask.all())
