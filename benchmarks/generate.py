@@ -101,7 +101,7 @@ def main() -> None:
         if fn is None:
             model = {"ours": ours, "ours_torch": ours, "ours_bf16": ours_model("bf16"),
                      "ours_compile": ours_model("compile")}[name]
-            fn = lambda: generate(model, idx, 1, temperature=0.0, fast=name != "ours_torch" and name != "ours_compile")  # noqa: E731
+            fn = lambda: generate(model, idx, 1, temperature=0.0, fast="auto" if name in ("ours", "ours_bf16") else False)  # noqa: E731
         t = time.perf_counter()
         fn()
         return time.perf_counter() - t
