@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from ..errors import UserError
 
 # Up to this many rows a matmul is a matrix-vector-like decode step, bound by reading the weights.
-INT8_KERNEL_MAX_ROWS = 8
+INT8_KERNEL_MAX_ROWS = 16
 _HAS_INT8_KERNEL = hasattr(torch, "_weight_int8pack_mm")
 
 
