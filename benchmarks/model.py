@@ -32,7 +32,7 @@ PEERS = ("nanogpt", "transformers")  # as their authors ship them; nanogpt-fused
 
 # ------------------------------------------------------------------------------------------------------
 # Peer: nanoGPT's model.py (https://github.com/karpathy/nanoGPT, MIT License, (c) 2022 Andrej Karpathy),
-# the network part copied as it is there (GPT-2 settings: bias=True, vocab 50257), minus from_pretrained,
+# the network part reproduced as written there (GPT-2 settings: bias=True, vocab 50257), minus from_pretrained,
 # estimate_mfu and generate, which the benchmark does not use.
 # ------------------------------------------------------------------------------------------------------
 

@@ -125,10 +125,11 @@ def test_onednn_linear_path_equals_f_linear(activation, monkeypatch):
     import gpt2kit.model.linear as linear_module
 
     layer = torch.nn.Linear(48, 80)
-    x = torch.randn(3, 5, 48, requires_grad=True)
+    x = torch.randn(3, 100, 48, requires_grad=True)  # 300 rows: above linear.MIN_ROWS
     results = {}
     for fast in (True, False):
         monkeypatch.setattr(linear_module, "use_onednn", fast)
+        assert linear_module._onednn_ok(x, layer.weight) == (fast and linear_module._HAVE_ONEDNN)
         y = linear_module.linear(x, layer, activation)
         gx, gw, gb = torch.autograd.grad((y * y).sum(), (x, layer.weight, layer.bias))
         with torch.no_grad():
@@ -142,7 +143,7 @@ def test_model_is_the_same_with_and_without_the_onednn_path(monkeypatch):
     import gpt2kit.model.linear as linear_module
 
     model = small_model()
-    idx = torch.randint(0, 97, (2, 32))
+    idx = torch.randint(0, 97, (8, 32))  # 256 rows: the oneDNN path applies
     outs = {}
     for fast in (True, False):
         monkeypatch.setattr(linear_module, "use_onednn", fast)

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 
 _HAVE_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 use_onednn = True
+# below this many rows (decoding a few tokens) oneDNN's per-call setup costs more than it saves: F.linear
+MIN_ROWS = 256
 
 
 def _onednn_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -24,6 +26,7 @@ def _onednn_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
         use_onednn
         and _HAVE_ONEDNN
         and x.device.type == "cpu"
+        and x.numel() >= MIN_ROWS * x.shape[-1]
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and weight.is_contiguous()
