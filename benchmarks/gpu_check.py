@@ -76,8 +76,8 @@ def train_step_bench(batch_size: int, steps: int, peak: float, compile_: bool, f
     from gpt2kit.model import GPT2, GPT2Config
     from gpt2kit.model import loss as loss_module
 
-    if loss_chunk:  # logits per chunk of the fused head + cross-entropy (CPU-tuned default: 2**24)
-        loss_module._CHUNK_ELEMENTS = loss_chunk
+    if loss_chunk:  # logits per chunk of the fused head + cross-entropy on CUDA
+        loss_module._CHUNK_ELEMENTS["cuda"] = loss_chunk
     torch.manual_seed(0)
     torch.backends.cuda.matmul.allow_tf32 = True
     cfg = GPT2Config.from_preset("gpt2", dropout=0.0, attn_dropout=0.0)
@@ -111,7 +111,7 @@ def train_step_bench(batch_size: int, steps: int, peak: float, compile_: bool, f
         check="train_step_gpt2",
         compile=compile_,
         flash_forced=force_flash,
-        loss="plain" if plain_loss else f"chunked({loss_module._CHUNK_ELEMENTS})",
+        loss="plain" if plain_loss else f"chunked({loss_module._CHUNK_ELEMENTS['cuda']})",
         batch=batch_size,
         block=T,
         first_step_s=round(first_step_s, 2),

@@ -134,13 +134,14 @@ class GPT2(nn.Module):
     def gradient_checkpointing_disable(self) -> None:
         self.gradient_checkpointing = False
 
+    # read off the final LayerNorm: always a plain float tensor (a quantized embedding would dequantize)
     @property
     def device(self) -> torch.device:
-        return self.transformer.wte.weight.device
+        return self.transformer.ln_f.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.transformer.wte.weight.dtype
+        return self.transformer.ln_f.weight.dtype
 
     # ----- the forward pass ----------------------------------------------------------------------------
 

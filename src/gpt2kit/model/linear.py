@@ -57,6 +57,9 @@ class _OneDNNLinear(torch.autograd.Function):
 
 def linear(x: torch.Tensor, layer: nn.Linear, activation: str | None = None) -> torch.Tensor:
     """layer(x), followed by GELU (tanh form) when activation == "gelu"."""
+    if type(layer) is not nn.Linear:  # e.g. a quantized layer: it has its own kernels and no float weight
+        y = layer(x)
+        return F.gelu(y, approximate="tanh") if activation == "gelu" else y
     weight, bias = layer.weight, layer.bias
     if _onednn_ok(x, weight):
         needs_grad = torch.is_grad_enabled() and (

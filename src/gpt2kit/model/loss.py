@@ -13,11 +13,15 @@ from __future__ import annotations
 import torch
 
 IGNORE_INDEX = -100
-_CHUNK_ELEMENTS = 2**26  # logits per chunk (256 MB in float32): rows = this // vocab_size (1335 for GPT-2)
+# Logits per chunk (rows = this // vocab_size), by device. CPU: 2**26 (256 MB in float32, 1335 GPT-2 rows).
+# GPUs want large GEMMs: on an H100, gpt2 at B32xT1024 under torch.compile ran at 30% MFU with 2**24-logit
+# chunks and 46% with 2**27 (docs/benchmarks.md, GPU section).
+_CHUNK_ELEMENTS = {"cpu": 2**26, "cuda": 2**27}
+_DEFAULT_CHUNK_ELEMENTS = 2**26
 
 
-def _chunks(n_rows: int, vocab: int, chunk_rows: int | None):
-    rows = chunk_rows or max(1, _CHUNK_ELEMENTS // vocab)
+def _chunks(n_rows: int, vocab: int, chunk_rows: int | None, device_type: str = "cpu"):
+    rows = chunk_rows or max(1, _CHUNK_ELEMENTS.get(device_type, _DEFAULT_CHUNK_ELEMENTS) // vocab)
     for start in range(0, n_rows, rows):
         yield start, min(start + rows, n_rows)
 
@@ -34,20 +38,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, x, weight, targets, chunk_rows):
         # x [N, C], weight [V, C], targets [N] (IGNORE_INDEX = not counted)
         n_counted = (targets != IGNORE_INDEX).sum()
-        denom = n_counted.clamp(min=1).to(torch.float32)
         cdtype = _compute_dtype(x, weight)
+        acc = torch.promote_types(cdtype, torch.float32)  # float32, or float64 for a float64 model
+        denom = n_counted.clamp(min=1).to(acc)
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         with torch.autocast(x.device.type, enabled=False):
             w = weight.to(cdtype)
             xs = x.to(cdtype)
-            loss_sum = torch.zeros((), dtype=torch.float32, device=x.device)
+            loss_sum = torch.zeros((), dtype=acc, device=x.device)
             grad_x = torch.empty_like(xs) if need_x else None
-            grad_w = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+            grad_w = torch.empty(weight.shape, dtype=acc, device=weight.device) if need_w else None
             if need_w and x.shape[0] == 0:
                 grad_w.zero_()
-            for i, (start, end) in enumerate(_chunks(x.shape[0], weight.shape[0], chunk_rows)):
+            for i, (start, end) in enumerate(_chunks(x.shape[0], weight.shape[0], chunk_rows, x.device.type)):
                 xc, tc = xs[start:end], targets[start:end]
-                logits = torch.mm(xc, w.t()).float()  # [n, V]
+                logits = torch.mm(xc, w.t()).to(acc)  # [n, V]
                 counted = tc != IGNORE_INDEX
                 safe_t = tc.clamp(min=0).unsqueeze(1)
                 target_logit = logits.gather(1, safe_t).squeeze(1)
@@ -66,7 +71,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     if need_x:
                         torch.mm(g, w, out=grad_x[start:end])
                     if need_w:
-                        if cdtype == torch.float32:
+                        if cdtype == acc:
                             # the first chunk writes (no zero-fill of the [V, C] buffer), the rest accumulate
                             if i == 0:
                                 torch.mm(g.t(), xc, out=grad_w)
@@ -75,7 +80,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                         elif i == 0:
                             grad_w.copy_(torch.mm(g.t(), xc))
                         else:
-                            grad_w += torch.mm(g.t(), xc).float()
+                            grad_w += torch.mm(g.t(), xc).to(acc)
                 del logits, exps
         ctx.save_for_backward(
             grad_x if grad_x is not None else torch.empty(0),
@@ -101,7 +106,7 @@ def linear_cross_entropy(
 ) -> torch.Tensor:
     """mean over counted rows of cross_entropy(x @ weight.T, targets); rows with target -100 are skipped.
 
-    x [N, C], weight [V, C], targets [N]. Returns a float32 scalar (0 when no row counts). Memory: one
+    x [N, C], weight [V, C], targets [N]. Returns a float32 (float64 for float64 inputs) scalar (0 when no row counts). Memory: one
     chunk of logits instead of all N rows.
     """
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):

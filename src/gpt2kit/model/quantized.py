@@ -14,7 +14,7 @@ Compute: a layer dequantizes its weight and calls F.linear -- except for a few r
 of int8 per-channel weights on CPU, where `torch._weight_int8pack_mm` multiplies bf16 activations by
 the int8 codes directly (reading 1 byte per weight instead of 4; see docs/post.md for the measurements).
 
-Only the head and the embeddings expose a `.weight` (the loss and `model.dtype` read those); the block
+Only the head and the embeddings expose a `.weight` (the fused loss reads it); the block
 linears deliberately have none, so code that wants raw float weights (e.g. gpt2kit.decode_fast) declines
 a quantized model instead of silently dequantizing it.
 """
@@ -209,33 +209,8 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def _route_quantized_linears() -> None:
-    """Make gpt2.py's `linear(x, layer, activation)` call a QuantLinear's own forward.
-
-    gpt2.py runs its projections through `model.linear.linear`, which reads `layer.weight` and calls the
-    float kernels directly; a QuantLinear has no float weight (on purpose: see the module docstring).
-    This wraps that function once so QuantLinear layers go through `layer(x)` and everything else is
-    untouched. It becomes a no-op if `linear` learns to dispatch non-nn.Linear layers itself.
-    """
-    from . import gpt2
-
-    current = getattr(gpt2, "linear", None)
-    if current is None or getattr(current, "_routes_quantized", False):
-        return
-
-    def linear(x: torch.Tensor, layer: nn.Module, activation: str | None = None) -> torch.Tensor:
-        if isinstance(layer, QuantLinear):
-            y = layer(x)
-            return F.gelu(y, approximate="tanh") if activation == "gelu" else y
-        return current(x, layer, activation)
-
-    linear._routes_quantized = True  # type: ignore[attr-defined]
-    gpt2.linear = linear
-
-
 def install_quantized(model: nn.Module, name: str, store: _QuantStore, bias: torch.Tensor | None = None) -> None:
     """Put the quantized version of module `name` (stored in `store`) into `model`, in place."""
-    _route_quantized_linears()
     if name in EMBEDDINGS:
         _set_module(model, name, QuantEmbedding(store))
         if name == "transformer.wte":
