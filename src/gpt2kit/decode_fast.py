@@ -78,7 +78,10 @@ class FastDecoder:
             blocks = model.transformer.h
             first = blocks[0]
             ok = (
-                first.attn.c_attn.weight.dim() == 2
+                # plain float layers only: a quantized model has its own int8 kernels
+                all(type(m) is torch.nn.Linear for m in (first.attn.c_attn, first.mlp.c_fc))
+                and type(model.transformer.wte) is torch.nn.Embedding
+                and first.attn.c_attn.weight.dim() == 2
                 and first.mlp.c_fc.weight.dim() == 2
                 and model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
             )
