@@ -77,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = resolve_config(cli, args.config, resume=args.resume)
     result = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    if not result.is_main:  # under torchrun only rank 0 reports (its loss is its own shard's)
+        return 0
     v = result.val
     summary = f"step {result.step}: train loss {result.train_loss:.4f}" if result.train_loss is not None else (
         f"step {result.step}"

@@ -224,7 +224,8 @@ class GPT2(nn.Module):
 
     def _check_ids(self, idx: torch.Tensor) -> None:
         # an out-of-range id would be an opaque IndexError deep in nn.Embedding; check where it is free
-        if idx.device.type == "cpu" and idx.numel():
+        # (skipped under torch.compile: reading min/max back would split the compiled graph)
+        if idx.device.type == "cpu" and idx.numel() and not torch.compiler.is_compiling():
             lo, hi = int(idx.min()), int(idx.max())
             if lo < 0 or hi >= self.config.vocab_size:
                 bad = lo if lo < 0 else hi

@@ -330,6 +330,7 @@ class TrainResult:
     wall_s: float
     tokens_per_s: float
     history: list[dict[str, Any]] = field(default_factory=list)
+    is_main: bool = True  # rank 0 (or the only process): the one that reports
 
 
 class Trainer:
@@ -511,7 +512,7 @@ class Trainer:
         model.save_pretrained(directory, tokenizer=self.tokenizer, extra=extra)
 
     def _full_state_if_sharded(self) -> dict[str, torch.Tensor] | None:
-        if dist_api._find_fsdp_root(self.model) is None:
+        if not dist_api.is_sharded(self.model):
             return None
         return dist_api.gather_full_state_dict(self.model)  # a collective: every rank calls it
 
@@ -720,6 +721,7 @@ class Trainer:
             wall_s=wall,
             tokens_per_s=(self.tokens_seen - tokens_at_start) / max(wall, 1e-9),
             history=history,
+            is_main=self.env.is_main,
         )
 
     def _fit_time_limit(self, elapsed: float, check: dict[str, Any]) -> None:
