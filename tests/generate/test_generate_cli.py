@@ -17,14 +17,6 @@ from gpt2kit.tokenizer import Tokenizer
 TEXT = "hello world, the quick brown fox jumps over the lazy dog. é ü ñ 你好 世界 🙂 " * 40
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tok():
     return Tokenizer.train(TEXT, 300, progress=False)

@@ -12,14 +12,6 @@ from gpt2kit.generate import generate, stream
 from gpt2kit.model import GPT2, GPT2Config, KVCache
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)

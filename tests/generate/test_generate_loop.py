@@ -14,15 +14,6 @@ from gpt2kit.model import GPT2, GPT2Config
 PROMPTS = [[5, 17, 200, 42, 7, 99, 120], [8, 290], [1, 2, 3, 4]]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models are dominated by per-op overhead; two OpenMP threads on a busy 2-core box are slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def hf_pair(tmp_path_factory):
     """A random transformers GPT-2 and the same weights loaded by gpt2kit from its saved directory."""
