@@ -105,7 +105,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 HELP: dict[str, str] = {
     "preset": "model preset: gpt2, gpt2-medium, gpt2-large, gpt2-xl, gpt2-tiny, gpt2-mini, gpt2-small-cpu",
     "n_layer": "transformer blocks", "n_head": "attention heads", "n_embd": "model width",
-    "n_ctx": "context length (learned positions); >= block size", "vocab_size": "at least the shards' vocabulary",
+    "n_ctx": "context length (learned positions); >= block size; from scratch it defaults to the block size", "vocab_size": "at least the shards' vocabulary",
     "dropout": "dropout on embeddings, residual and FFN outputs", "attn_dropout": "dropout on attention weights",
     "grad_checkpointing": "recompute each block in backward: less memory, ~1/3 more compute",
     "init_from": "start from this checkpoint directory instead of random weights",

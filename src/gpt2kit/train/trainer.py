@@ -249,6 +249,11 @@ def model_config_from(cfg: TrainConfig, meta: dict[str, Any]):
         for k in ("n_layer", "n_head", "n_embd", "n_ctx", "dropout", "attn_dropout")
         if getattr(m, k) is not None
     }
+    if m.n_ctx is None and not m.init_from:
+        # as nanoGPT: a model trained from scratch learns positions up to the block size only, so that is
+        # its context; a preset's 1024-row position table with untrained rows past the block size would
+        # make eval and generation past it quietly wrong
+        overrides["n_ctx"] = cfg.data.block_size
     vocab = m.vocab_size if m.vocab_size is not None else meta["vocab_size"]
     if vocab < meta["vocab_size"]:
         raise UserError(
