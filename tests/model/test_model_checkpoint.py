@@ -205,11 +205,10 @@ def test_tokenizer_must_fit_the_model(tmp_path):
 
 
 def test_real_tokenizer_files_open_with_transformers(tmp_path, gpt2_files_dir):
-    tokenizer_module = pytest.importorskip("gpt2kit.tokenizer")
-    if not hasattr(tokenizer_module, "Tokenizer"):
-        pytest.skip("gpt2kit.tokenizer.Tokenizer not available yet")
+    from gpt2kit.tokenizer import Tokenizer
+
     transformers = pytest.importorskip("transformers")
-    tok = tokenizer_module.Tokenizer.from_pretrained(gpt2_files_dir)
+    tok = Tokenizer.from_pretrained(gpt2_files_dir)
     torch.manual_seed(0)
     model = GPT2(GPT2Config.from_preset("gpt2-tiny", n_ctx=32))
     model.save_pretrained(tmp_path, tokenizer=tok)
