@@ -1,4 +1,4 @@
-"""A decode-only forward pass for CPU float32 at small batch: one new token per row, on the KV cache.
+"""A decode-only forward pass for CPU at small batch: one new token per row, on the KV cache.
 
 Why it exists: decoding one token reads every weight once and does ~2 flops per weight, so it is bound
 by memory bandwidth. On the CPUs we measured, torch's float32 matrix-*vector* path (F.linear at batch 1)
@@ -8,8 +8,11 @@ with numpy arrays that *share memory* with the model's parameters and the KV cac
 copied, the model stays the single owner of its weights, and the cache a prefill wrote through
 `model.forward` is the cache this path reads and extends.
 
-It is exact up to float32 rounding (logits agree with model.forward to ~1e-5) and is used by
-gpt2kit.generate only where it applies: CPU, float32, eval mode, batch <= MAX_BATCH.
+Float32 models: exact up to float32 rounding (logits agree with model.forward to ~1e-5). Quantized models
+(gpt2kit.model.quantized): each projection runs through its layer's small-batch kernel, which reads the
+int8/int4 codes directly -- the same kernel model.forward uses for so few rows -- and everything else
+(layer norms, attention, the cache) is this module's float32 code. Used by gpt2kit.generate only where it
+applies: CPU, float32 activations, eval mode, batch <= MAX_BATCH, a kernel for every projection.
 """
 
 from __future__ import annotations
@@ -57,16 +60,57 @@ class _Linear:
         return out
 
 
+class _KernelLinear:
+    """A quantized projection (gpt2kit.model.quantized.QuantLinear) through its small-batch kernel, which
+    reads the int8/int4 codes directly; numpy in, numpy out, no copy of the weights."""
+
+    __slots__ = ("kernel",)
+
+    def __init__(self, module, batch_size: int):
+        self.kernel = module.small_batch_kernel(batch_size)
+
+    def __call__(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+        return self.kernel(torch.from_numpy(x)).numpy()  # a fresh array, as the caller may modify it
+
+
+def _projection(module, batch_size: int):
+    if type(module) is torch.nn.Linear:
+        return _Linear(module.weight, module.bias)
+    return _KernelLinear(module, batch_size)
+
+
+def _projection_supported(module, batch_size: int) -> bool:
+    if type(module) is torch.nn.Linear:
+        return module.weight.dim() == 2
+    kernel = getattr(module, "small_batch_kernel", None)
+    return kernel is not None and kernel(batch_size) is not None
+
+
+class _Embedding:
+    """Rows of a token/position table: a numpy view of a float table, or a quantized table's lookup."""
+
+    __slots__ = ("table", "module")
+
+    def __init__(self, module):
+        self.module = module
+        self.table = _np(module.weight) if type(module) is torch.nn.Embedding else None
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        if self.table is not None:
+            return self.table[rows]
+        return self.module(torch.from_numpy(np.ascontiguousarray(rows))).float().numpy()
+
+
 class _Layer:
     __slots__ = ("ln1_w", "ln1_b", "qkv", "proj", "ln2_w", "ln2_b", "fc", "out")
 
-    def __init__(self, block):
+    def __init__(self, block, batch_size: int):
         self.ln1_w, self.ln1_b = _np(block.ln_1.weight), _np(block.ln_1.bias)
-        self.qkv = _Linear(block.attn.c_attn.weight, block.attn.c_attn.bias)
-        self.proj = _Linear(block.attn.c_proj.weight, block.attn.c_proj.bias)
+        self.qkv = _projection(block.attn.c_attn, batch_size)
+        self.proj = _projection(block.attn.c_proj, batch_size)
         self.ln2_w, self.ln2_b = _np(block.ln_2.weight), _np(block.ln_2.bias)
-        self.fc = _Linear(block.mlp.c_fc.weight, block.mlp.c_fc.bias)
-        self.out = _Linear(block.mlp.c_proj.weight, block.mlp.c_proj.bias)
+        self.fc = _projection(block.mlp.c_fc, batch_size)
+        self.out = _projection(block.mlp.c_proj, batch_size)
 
 
 class FastDecoder:
@@ -74,26 +118,31 @@ class FastDecoder:
 
     @staticmethod
     def supports(model, batch_size: int) -> bool:
+        from .model.quantized import QuantEmbedding, QuantTiedHead
+
+        if not 1 <= batch_size <= MAX_BATCH:
+            return False
         try:
-            blocks = model.transformer.h
-            first = blocks[0]
+            t = model.transformer
+            wte, head = t.wte, model.lm_head
+            projections = [m for b in t.h for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
+            if type(wte) is torch.nn.Embedding:
+                tied = type(head) is torch.nn.Linear and head.weight.data_ptr() == wte.weight.data_ptr()
+            else:  # a quantized table: the head must read the same codes
+                tied = type(wte) is QuantEmbedding and isinstance(head, QuantTiedHead) and head.store is wte.store
             ok = (
-                # plain float layers only: a quantized model has its own int8 kernels
-                all(type(m) is torch.nn.Linear for m in (first.attn.c_attn, first.mlp.c_fc))
-                and type(model.transformer.wte) is torch.nn.Embedding
-                and first.attn.c_attn.weight.dim() == 2
-                and first.mlp.c_fc.weight.dim() == 2
-                and model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+                tied
+                and type(t.wpe) in (torch.nn.Embedding, QuantEmbedding)
+                and all(_projection_supported(m, batch_size) for m in projections)
+                and _projection_supported(head, batch_size)
             )
         except (AttributeError, IndexError, TypeError):
             return False
         return (
             ok
             and model.device.type == "cpu"
-            and model.dtype == torch.float32
             and all(p.dtype == torch.float32 and p.device.type == "cpu" for p in model.parameters())
             and not model.training
-            and 1 <= batch_size <= MAX_BATCH
         )
 
     def __init__(self, model):
@@ -101,19 +150,28 @@ class FastDecoder:
         self.n_head = config.n_head
         self.head_dim = config.n_embd // config.n_head
         self.eps = float(config.layer_norm_epsilon)
-        self.wte = _np(model.transformer.wte.weight)  # [V, C]
-        self.head = _Linear(model.transformer.wte.weight, None)  # the tied output head
-        self.wpe = _np(model.transformer.wpe.weight)  # [n_ctx, C]
+        self.vocab_size = config.vocab_size
+        self.n_embd = config.n_embd
+        self.model = model
+        self.wte = _Embedding(model.transformer.wte)
+        self.wpe = _Embedding(model.transformer.wpe)
         self.lnf_w, self.lnf_b = _np(model.transformer.ln_f.weight), _np(model.transformer.ln_f.bias)
-        self.layers = [_Layer(b) for b in model.transformer.h]
+        # projections are bound per batch size (a quantized kernel may depend on the row count)
+        self._layers: dict[int, tuple[list[_Layer], object]] = {}
         self._buffers: dict[int, dict[str, np.ndarray]] = {}
         self._cache_views: tuple[int, list[np.ndarray], list[np.ndarray]] | None = None
+
+    def _network(self, B: int) -> tuple[list[_Layer], object]:
+        if B not in self._layers:
+            t = self.model.transformer
+            self._layers[B] = ([_Layer(b, B) for b in t.h], _projection(self.model.lm_head, B))
+        return self._layers[B]
 
     # ----- scratch space, allocated once per batch size -----------------------------------------------
 
     def _scratch(self, B: int) -> dict[str, np.ndarray]:
         if B not in self._buffers:
-            C = self.wte.shape[1]
+            C = self.n_embd
             f32 = np.float32
             self._buffers[B] = {
                 "h": np.empty((B, C), f32),
@@ -122,7 +180,7 @@ class FastDecoder:
                 "proj": np.empty((B, C), f32),
                 "fc": np.empty((B, 4 * C), f32),
                 "tmp": np.empty((B, 4 * C), f32),
-                "logits": np.empty((B, self.wte.shape[0]), f32),
+                "logits": np.empty((B, self.vocab_size), f32),
             }
         return self._buffers[B]
 
@@ -147,13 +205,14 @@ class FastDecoder:
         keys, values = self._cache(cache)
         ids = tok.reshape(B).numpy()
         positions = np.full(B, P) if pos is None else pos.reshape(B).numpy()
-        x = self.wte[ids] + self.wpe[positions]  # [B, C], a fresh array: the residual stream
+        layers, head = self._network(B)
+        x = self.wte(ids) + self.wpe(positions)  # [B, C], a fresh array: the residual stream
         keep = None if mask is None else mask.numpy()  # [B, P + 1], True = real token
 
         H, D = self.n_head, self.head_dim
         C = H * D
         scale = np.float32(1.0 / math.sqrt(D))
-        for i, L in enumerate(self.layers):
+        for i, L in enumerate(layers):
             h = _layer_norm(x, L.ln1_w, L.ln1_b, self.eps, buf["h"])
             qkv = L.qkv(h, buf["qkv"])
             q = qkv[:, :C].reshape(B, H, 1, D)
@@ -176,7 +235,7 @@ class FastDecoder:
             x += L.out(f, buf["proj"])
         cache.advance(1)
         h = _layer_norm(x, self.lnf_w, self.lnf_b, self.eps, buf["h"])
-        logits = self.head(h, buf["logits"])
+        logits = head(h, buf["logits"])
         # a view of the scratch buffer: valid until the next step, which is all a sampler needs
         return torch.from_numpy(logits)
 

@@ -82,21 +82,49 @@ def test_group_size_must_divide_the_columns():
 # ----- modules and checkpoints -----------------------------------------------------------------------------
 
 
-def test_int8_kernel_matches_dequantized_matmul():
+@pytest.mark.parametrize(
+    "bits, group, rows, kernel",
+    [(8, None, 1, "_Int8Dynamic"), (8, None, 3, "_Int8WeightOnly"), (4, 32, 1, "_Int4Packed"), (4, 32, 5, "_Int4Packed")],
+)
+def test_small_batch_kernels_match_the_dequantized_matmul(bits, group, rows, kernel):
+    from gpt2kit.model import quantized
     from gpt2kit.model.quantized import _QuantStore
 
+    if not getattr(quantized, kernel).available():
+        pytest.skip(f"this torch build has no {kernel} kernel")
     torch.manual_seed(0)
-    w, b = torch.randn(96, 64) * 0.1, torch.randn(96)
-    x = torch.randn(3, 64)
+    w, b = torch.randn(100, 64) * 0.1, torch.randn(100)  # 100 rows: not a multiple of 16 (the int4 padding)
+    x = torch.randn(rows, 64)
     for symmetric in (False, True):
-        codes, scales, zeros = quantize_tensor(w, 8, None, symmetric)
-        layer = QuantLinear(_QuantStore(codes, scales, zeros, 8, 64), b)
-        assert layer._use_int8_kernel(x)
+        codes, scales, zeros = quantize_tensor(w, bits, group, symmetric)
+        if bits == 4:
+            codes = pack_int4(codes)
+        layer = QuantLinear(_QuantStore(codes, scales, zeros, bits, 64), b)
+        assert type(layer.small_batch_kernel(rows)).__name__ == kernel
         exact = F.linear(x, layer.dequantize(), b)
-        # bf16 activations: relative error ~2^-8 of the output scale
-        assert (layer(x) - exact).abs().max() < 2e-2 * exact.abs().max()
-        big = torch.randn(32, 64)
+        # 8-bit activations (dynamic int8) or bf16 activations/scales: error ~2^-8 of the output scale
+        y = layer(x)
+        assert y.shape == exact.shape and y.dtype == torch.float32
+        assert (y - exact).abs().max() < 2e-2 * exact.abs().max()
+        assert not torch.equal(y, exact)  # it really is the other kernel
+        many = quantized.SMALL_BATCH_MAX_ROWS + 1
+        big = torch.randn(many, 64)
+        assert layer.small_batch_kernel(many) is None
         assert torch.equal(layer(big), F.linear(big, layer.dequantize(), b))  # many rows: the exact path
+
+
+def test_batch_one_int8_kernel_does_not_saturate():
+    """u8 x s8 products of extreme codes overflow int16 pairs unless the kernel accumulates in int32
+    (VNNI) or activations use 7 bits: the 8-bit choice must follow the CPU."""
+    from gpt2kit.model.quantized import _Int8Dynamic, _QuantStore
+
+    if not _Int8Dynamic.available():
+        pytest.skip("this torch build has no fbgemm dynamic int8 kernel")
+    codes = torch.full((16, 256), 255, dtype=torch.uint8)  # code 255, zero 0 -> the largest weights
+    layer = QuantLinear(_QuantStore(codes, torch.full((16, 1), 0.01), torch.zeros(16, 1, dtype=torch.uint8), 8, 256), None)
+    x = torch.full((1, 256), 3.0)
+    exact = F.linear(x, layer.dequantize())
+    assert torch.allclose(layer(x), exact, rtol=1e-5)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -146,6 +174,32 @@ def test_quantized_model_generates_like_its_dequantized_twin(tmp_path, trained):
         ids = torch.cat([ids, q(ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
     agree = (ids == out).float().mean().item()
     assert agree >= 0.9
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_fast_decoder_runs_quantized_models_like_their_forward(tmp_path, trained, bits):
+    """gpt2kit.generate's numpy decoder takes quantized models too (their projections through the same
+    small-batch kernels as forward): same logits up to float32 rounding, same greedy ids."""
+    from gpt2kit.decode_fast import FastDecoder
+    from gpt2kit.model.kv_cache import KVCache
+
+    ckpt, _ = trained
+    quantize_checkpoint(ckpt, tmp_path / "q", QuantSpec.default(bits))
+    q = GPT2.from_pretrained(tmp_path / "q").eval()
+    assert FastDecoder.supports(q, 1) and FastDecoder.supports(q, 4)
+    prompt = torch.tensor([[5, 17, 42, 7]])
+    fast = q.generate(prompt, max_new_tokens=16, temperature=0.0, fast=True)
+    slow = q.generate(prompt, max_new_tokens=16, temperature=0.0, fast=False)
+    assert torch.equal(fast, slow)
+
+    caches = [KVCache.allocate(q.config, 1, max_len=8) for _ in range(2)]
+    with torch.no_grad():
+        for c in caches:
+            q(prompt, kv_cache=c)
+        step = torch.tensor([[11]])
+        ref = q(step, kv_cache=caches[0]).logits[:, -1]
+        got = FastDecoder(q)(step, caches[1], None, None)
+    assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
 
 
 # ----- CLI -----------------------------------------------------------------------------------------------

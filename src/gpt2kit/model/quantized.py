@@ -11,8 +11,9 @@ int8 codes are stored one per byte (`qweight` [rows, cols]); int4 codes two per 
 the token embedding's codes: the head *is* the embedding matrix, quantized once.
 
 Compute: a layer dequantizes its weight and calls F.linear -- except for a few rows at a time (decoding)
-of int8 per-channel weights on CPU, where `torch._weight_int8pack_mm` multiplies bf16 activations by
-the int8 codes directly (reading 1 byte per weight instead of 4; see docs/post.md for the measurements).
+on CPU, where a kernel reads the codes directly (1 or 1/2 byte per weight instead of 4): fbgemm's dynamic
+int8 linear at batch 1, torch's int8 / int4 weight-pack kernels for up to 16 rows (see "fast kernels"
+below and docs/post.md for the measurements).
 
 Only the head and the embeddings expose a `.weight` (the fused loss reads it); the block
 linears deliberately have none, so code that wants raw float weights (e.g. gpt2kit.decode_fast) declines
@@ -26,11 +27,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import UserError
-
-# Up to this many rows a matmul is a matrix-vector-like decode step, bound by reading the weights.
-INT8_KERNEL_MAX_ROWS = 16
-_HAS_INT8_KERNEL = hasattr(torch, "_weight_int8pack_mm")
-
 
 # ----- packing and dequantization (shared with gpt2kit.post.quantize) ----------------------------------
 
@@ -99,6 +95,148 @@ class _QuantStore(nn.Module):
         return {f"{prefix}.qweight": self.qweight, f"{prefix}.scales": self.scales, f"{prefix}.zeros": self.zeros}
 
 
+# ----- fast kernels for a few rows at a time (decoding) ------------------------------------------------
+#
+# A decode step multiplies one row per sequence by every weight: it is bound by reading the weights, so
+# the win is a kernel that reads the 1-byte (or half-byte) codes directly instead of dequantizing to
+# float32 first. Measured here (one pass over all gpt2 weights, batch 1, 2 threads; docs/post.md):
+# numpy float32 W @ x 18.1 ms, fbgemm dynamic int8 5.1 ms, torch._weight_int4pack_mm_for_cpu 4.9 ms,
+# torch._weight_int8pack_mm 11.0 ms. Each kernel keeps its own packed copy of the codes, built on first
+# use; the store's codes stay the source of truth (checkpoints, dequantization).
+
+# Up to this many rows the kernels beat dequantizing (~300 ms for all gpt2 weights, whatever the rows):
+# measured per pass over gpt2's projections, 2 threads, int8 weight-only 16 rows 55 ms / 64 rows 165 ms
+# / 128 rows 338 ms, int4 g64 64 rows 127 ms / 128 rows 250 ms. So decode steps and short prefills
+# (a prompt, or the last position's logits) read codes; long sequences (eval, training) dequantize.
+SMALL_BATCH_MAX_ROWS = 64
+_INT4_GROUPS = (32, 64, 128, 256)  # group sizes torch's CPU int4 kernel accepts
+
+
+def _cpu_has_vnni() -> bool:
+    """AVX-512 VNNI accumulates u8 x s8 products in int32 (no int16 saturation), so fbgemm's dynamic
+    int8 kernel can use all 8 bits of the activations; without it, PyTorch's default is 7 bits."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            return any(line.startswith("flags") and "avx512_vnni" in line.split() for line in f)
+    except OSError:
+        return False
+
+
+def _linear_dynamic(*args):
+    # the resolved overload: calling torch.ops.<ns>.<op> goes through a slower Python dispatch each time
+    return torch.ops.quantized.linear_dynamic.default(*args)
+
+
+class _Int8Dynamic:
+    """Batch 1, int8 per channel: fbgemm's dynamic int8 linear (PyTorch's dynamic quantization kernel).
+
+    The weights are our codes exactly (qint8 = code - 128, zero point = z - 128, same float32 scales);
+    the activation row is quantized to uint8 on the fly (per tensor = per row at batch 1), the product is
+    accumulated in int32 and rescaled, bias added in float32. Used only for one row, so a row's result
+    never depends on which other rows share its batch.
+    """
+
+    reduce_range = not _cpu_has_vnni()
+
+    @staticmethod
+    def available() -> bool:
+        return hasattr(torch.ops.quantized, "linear_dynamic") and "fbgemm" in torch.backends.quantized.supported_engines
+
+    def __init__(self, store: _QuantStore, bias: torch.Tensor | None):
+        import warnings
+
+        q_s8 = (store.qweight.to(torch.int16) - 128).to(torch.int8)
+        zero_points = store.zeros[:, 0].to(torch.int64) - 128
+        with warnings.catch_warnings():  # quantized-tensor constructors warn about their own future
+            warnings.simplefilter("ignore")
+            qt = torch._make_per_channel_quantized_tensor(q_s8, store.scales[:, 0].to(torch.float64), zero_points, 0)
+            self.packed = torch.ops.quantized.linear_prepack(qt, None if bias is None else bias.float())
+
+    def __call__(self, x2: torch.Tensor) -> torch.Tensor:
+        return _linear_dynamic(x2.float(), self.packed, self.reduce_range)
+
+
+class _Int8WeightOnly:
+    """A few rows, int8 per channel: torch._weight_int8pack_mm, bf16 activations x int8 codes.
+
+    The kernel computes x @ (q_s8 * s)^T with signed codes and no zero point. Our codes are unsigned
+    with zero z: W~ = (q - z) s = (q_s8 + 128 - z) s, so y = kernel(x) + sum(x) * (128 - z) s.
+    """
+
+    @staticmethod
+    def available() -> bool:
+        return hasattr(torch, "_weight_int8pack_mm")
+
+    def __init__(self, store: _QuantStore, bias: torch.Tensor | None):
+        self.q_s8 = (store.qweight.to(torch.int16) - 128).to(torch.int8).contiguous()
+        s = store.scales[:, 0]
+        self.scales = s.to(torch.bfloat16)
+        offset = (128 - store.zeros[:, 0].to(torch.float32)) * s
+        self.offset = None if bool((offset == 0).all()) else offset
+        self.bias = bias
+
+    def __call__(self, x2: torch.Tensor) -> torch.Tensor:
+        y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.q_s8, self.scales).float()
+        if self.offset is not None:
+            y += x2.float().sum(-1, keepdim=True) * self.offset
+        if self.bias is not None:
+            y += self.bias
+        return y
+
+
+class _Int4Packed:
+    """A few rows, int4 in groups of 32-256: torch._weight_int4pack_mm_for_cpu, bf16 activations.
+
+    The kernel computes with w = (q - 8) * scale + offset per group; ours is (q - z) * s, so
+    offset = (8 - z) * s. Scales and offsets are bf16 in the kernel (rel. error ~2^-9 of a step).
+    It wants a multiple of 16 output rows: the head (50257 rows) is padded with zero rows, sliced off.
+    """
+
+    @staticmethod
+    def available() -> bool:
+        return hasattr(torch, "_weight_int4pack_mm_for_cpu") and hasattr(torch, "_convert_weight_to_int4pack_for_cpu")
+
+    @staticmethod
+    def fits(store: _QuantStore) -> bool:
+        return store.group_size in _INT4_GROUPS and store.cols % store.group_size == 0
+
+    def __init__(self, store: _QuantStore, bias: torch.Tensor | None):
+        codes = unpack_int4(store.qweight).to(torch.int32)
+        scales, zeros = store.scales, store.zeros.to(torch.float32)
+        pad = -store.rows % 16
+        if pad:
+            codes = torch.cat([codes, codes.new_full((pad, store.cols), 8)])
+            scales = torch.cat([scales, scales.new_zeros(pad, scales.shape[1])])
+            zeros = torch.cat([zeros, zeros.new_full((pad, zeros.shape[1]), 8.0)])
+        self.rows = store.rows
+        self.group_size = store.group_size
+        self.packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+        # [groups, rows, 2]: (scale, offset) per group and output row
+        self.scale_offset = torch.stack([scales, (8 - zeros) * scales], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        self.bias = bias
+
+    def __call__(self, x2: torch.Tensor) -> torch.Tensor:
+        y = torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.packed, self.group_size, self.scale_offset)
+        y = y[:, : self.rows].float()
+        if self.bias is not None:
+            y += self.bias
+        return y
+
+
+def _small_batch_kernel_class(store: _QuantStore, rows: int):
+    """The kernel class for `rows` input rows of this weight, or None (dequantize + F.linear)."""
+    if rows > SMALL_BATCH_MAX_ROWS:
+        return None
+    if store.bits == 8 and store.group_size == store.cols:
+        if rows == 1 and _Int8Dynamic.available():
+            return _Int8Dynamic
+        if _Int8WeightOnly.available():
+            return _Int8WeightOnly
+    if store.bits == 4 and _Int4Packed.available() and _Int4Packed.fits(store):
+        return _Int4Packed
+    return None
+
+
 class QuantLinear(nn.Module):
     """y = x W~^T + b with W~ [out, in] held as int8/int4 codes (see the module docstring)."""
 
@@ -108,7 +246,7 @@ class QuantLinear(nn.Module):
         self.in_features = store.cols
         self.out_features = store.rows
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self._kernel: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
+        self._kernels: dict[type, object] = {}
 
     @property
     def bits(self) -> int:
@@ -117,37 +255,24 @@ class QuantLinear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         return self.store.dequantize()
 
-    def _int8_kernel_args(self):
-        """(signed codes, bf16 scales, per-row offset or None) for _weight_int8pack_mm, built once.
-
-        The kernel computes x @ (q_s8 * s)^T with signed codes and no zero point. Our codes are unsigned
-        with zero z: W~ = (q - z) s = (q_s8 + 128 - z) s, so y = kernel(x) + sum(x) * (128 - z) s.
-        """
-        if self._kernel is None:
-            st = self.store
-            q_s8 = (st.qweight.to(torch.int16) - 128).to(torch.int8).contiguous()
-            s = st.scales[:, 0]
-            offset = (128 - st.zeros[:, 0].to(torch.float32)) * s
-            self._kernel = (q_s8, s.to(torch.bfloat16), None if bool((offset == 0).all()) else offset)
-        return self._kernel
-
-    def _use_int8_kernel(self, x: torch.Tensor) -> bool:
-        st = self.store
-        return (
-            _HAS_INT8_KERNEL and st.bits == 8 and st.group_size == st.cols and x.device.type == "cpu"
-            and x.numel() // x.shape[-1] <= INT8_KERNEL_MAX_ROWS and not x.requires_grad
-        )
+    def small_batch_kernel(self, rows: int):
+        """A callable x [rows, in] float32 -> y [rows, out] float32 (bias included) that reads the codes
+        directly, for a decode step on CPU; None where no such kernel applies (then use forward)."""
+        if self.store.qweight.device.type != "cpu":
+            return None
+        cls = _small_batch_kernel_class(self.store, rows)
+        if cls is None:
+            return None
+        if cls not in self._kernels:
+            bias = None if self.bias is None else self.bias.detach().float()
+            self._kernels[cls] = cls(self.store, bias)
+        return self._kernels[cls]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._use_int8_kernel(x):
-            q_s8, s_bf16, offset = self._int8_kernel_args()
-            x2 = x.reshape(-1, x.shape[-1])
-            y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), q_s8, s_bf16).to(x.dtype)
-            if offset is not None:
-                y = y + x2.sum(-1, keepdim=True) * offset.to(x.dtype)
-            if self.bias is not None:
-                y = y + self.bias
-            return y.view(*x.shape[:-1], self.out_features)
+        rows = x.numel() // x.shape[-1]
+        kernel = None if x.requires_grad or x.device.type != "cpu" else self.small_batch_kernel(rows)
+        if kernel is not None:
+            return kernel(x.reshape(rows, x.shape[-1])).to(x.dtype).view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.store.dequantize().to(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
