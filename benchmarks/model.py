@@ -10,6 +10,11 @@ medians per implementation and case, and ratios vs the faster peer measured in t
 Cases (float32, dropout 0, 2 threads unless --threads):
   train-4x256, train-1x1024: one forward + backward + AdamW step (tokens/s, peak RSS)
   prefill-1024: forward of 1024 tokens without grad, logits for the last position only (seconds)
+
+gpt2kit runs as its trainer runs it: fused AdamW and gpt2kit.runtime's glibc malloc settings (big freed
+blocks kept for reuse instead of unmapped and page-faulted in again every step). The controls
+nanogpt-fused (fused AdamW) and nanogpt-tuned (fused AdamW + the same malloc settings) show how much of
+the difference is the model itself.
 """
 
 from __future__ import annotations
@@ -26,8 +31,8 @@ import sys
 import time
 
 CASES = {"train-4x256": (4, 256), "train-1x1024": (1, 1024), "prefill-1024": (1, 1024)}
-IMPLS = ["gpt2kit", "nanogpt", "nanogpt-fused", "transformers"]
-PEERS = ("nanogpt", "transformers")  # as their authors ship them; nanogpt-fused is a control (see --help)
+IMPLS = ["gpt2kit", "nanogpt", "nanogpt-fused", "nanogpt-tuned", "transformers"]
+PEERS = ("nanogpt", "transformers")  # as their authors ship them; nanogpt-fused/-tuned are controls (see --help)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -282,10 +287,14 @@ def build(impl: str, optimizer: str):
     return loss_fn, last_fn, model, opt
 
 
-def worker(impl: str, case: str, steps: int, threads: int, optimizer: str) -> dict:
+def worker(impl: str, case: str, steps: int, threads: int, optimizer: str, malloc: bool) -> dict:
     import torch
 
     torch.set_num_threads(threads)
+    if malloc:  # what gpt2kit's trainer and CLI do in their process (gpt2kit.runtime)
+        from gpt2kit.runtime import retain_freed_memory
+
+        assert retain_freed_memory(), "malloc tuning did not apply on this system"
     B, T = CASES[case]
     loss_fn, last_fn, model, opt = build(impl, optimizer)
     g = torch.Generator().manual_seed(1)
@@ -318,16 +327,16 @@ def worker(impl: str, case: str, steps: int, threads: int, optimizer: str) -> di
         result = {"seconds": statistics.median(times)}
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     return result | {"impl": impl, "case": case, "times": times, "cpu_times": cpu_times,
-                     "peak_rss_gib": peak_rss / 2**30}
+                     "peak_rss_gib": peak_rss / 2**30, "malloc_tuning": malloc}
 
 
 # ------------------------------------------------------------------------------------------------------
 # Driver: interleaved rounds of subprocesses
 # ------------------------------------------------------------------------------------------------------
 
-def run_one(impl, case, args, optimizer) -> dict:
+def run_one(impl, case, args, optimizer, malloc) -> dict:
     cmd = [sys.executable, __file__, "--worker", impl, case, "--steps", str(args.steps),
-           "--threads", str(args.threads), "--optimizer", optimizer]
+           "--threads", str(args.threads), "--optimizer", optimizer] + (["--malloc-tuning"] if malloc else [])
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise SystemExit(f"{impl} {case} failed:\n{out.stderr[-3000:]}")
@@ -338,33 +347,38 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     ap.add_argument("--impls", nargs="+", default=IMPLS, choices=IMPLS + ["gpt2kit-plain-adamw"],
-                    help="gpt2kit steps with fused AdamW (as gpt2kit's trainer does); nanogpt with its own "
-                         "configure_optimizers (on CPU: torch's default AdamW); nanogpt-fused = nanoGPT's "
-                         "model with fused AdamW, a control that separates model from optimizer gains; "
-                         "gpt2kit-plain-adamw = gpt2kit with torch's default AdamW")
+                    help="gpt2kit steps with fused AdamW and the glibc malloc settings of gpt2kit.runtime "
+                         "(as gpt2kit's trainer does); nanogpt with its own configure_optimizers (on CPU: "
+                         "torch's default AdamW); controls that separate model gains from the rest: "
+                         "nanogpt-fused = nanoGPT's model with fused AdamW, nanogpt-tuned = that plus "
+                         "gpt2kit's malloc settings, gpt2kit-plain-adamw = gpt2kit with torch's default "
+                         "AdamW (and malloc settings)")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds (one subprocess per impl each)")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per subprocess (after one warm-up)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--worker", nargs=2, metavar=("IMPL", "CASE"), help=argparse.SUPPRESS)
     ap.add_argument("--optimizer", default="default", help=argparse.SUPPRESS)
+    ap.add_argument("--malloc-tuning", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.worker:
-        print(json.dumps(worker(*args.worker, args.steps, args.threads, args.optimizer)))
+        print(json.dumps(worker(*args.worker, args.steps, args.threads, args.optimizer, args.malloc_tuning)))
         return
 
     runs: dict[tuple[str, str], list[dict]] = {}
     for case in args.cases:
-        impls = [i for i in args.impls if not (case.startswith("prefill") and i in ("nanogpt-fused", "gpt2kit-plain-adamw"))]
+        impls = [i for i in args.impls
+                 if not (case.startswith("prefill") and i in ("nanogpt-fused", "nanogpt-tuned", "gpt2kit-plain-adamw"))]
         for r in range(args.rounds):
             order = impls[r % len(impls):] + impls[: r % len(impls)]  # rotate who goes first
             for impl in order:
                 base, optimizer = impl, "default"
-                if impl in ("gpt2kit", "nanogpt-fused"):
-                    base, optimizer = impl.removesuffix("-fused"), "fused"
+                if impl in ("gpt2kit", "nanogpt-fused", "nanogpt-tuned"):
+                    base, optimizer = impl.removesuffix("-fused").removesuffix("-tuned"), "fused"
                 elif impl == "gpt2kit-plain-adamw":
                     base = "gpt2kit"
-                res = run_one(base, case, args, optimizer)
+                malloc = base == "gpt2kit" or impl == "nanogpt-tuned"
+                res = run_one(base, case, args, optimizer, malloc)
                 runs.setdefault((impl, case), []).append(res)
                 print(f"{case:13s} {impl:16s} " + (f"{res['tokens_per_s']:.1f} tok/s" if "tokens_per_s" in res
                       else f"{res['seconds']:.3f} s") + f"  peak RSS {res['peak_rss_gib']:.2f} GiB", file=sys.stderr)

@@ -16,17 +16,18 @@ def reference_loss(x, w, t):
     return F.cross_entropy(x @ w.t(), t, ignore_index=-100)
 
 
+@pytest.mark.parametrize("upstream", [1.0, 3.0])  # 1.0: the backward skips scaling
 @pytest.mark.parametrize("chunk_rows", [1, 5, 64, None])
-def test_chunked_loss_and_grads_equal_plain_cross_entropy(chunk_rows):
+def test_chunked_loss_and_grads_equal_plain_cross_entropy(chunk_rows, upstream):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(37, 16, generator=g, requires_grad=True)
     w = torch.randn(101, 16, generator=g, requires_grad=True)
     t = torch.randint(0, 101, (37,), generator=g)
     t[::4] = -100
     ref = reference_loss(x, w, t)
-    ref_gx, ref_gw = torch.autograd.grad(ref * 3.0, (x, w))  # a non-unit upstream gradient
+    ref_gx, ref_gw = torch.autograd.grad(ref * upstream, (x, w))
     loss = linear_cross_entropy(x, w, t, chunk_rows=chunk_rows)
-    gx, gw = torch.autograd.grad(loss * 3.0, (x, w))
+    gx, gw = torch.autograd.grad(loss * upstream, (x, w))
     assert abs(loss.item() - ref.item()) <= 1e-5
     assert torch.allclose(gx, ref_gx, atol=1e-6, rtol=1e-5)
     assert torch.allclose(gw, ref_gw, atol=1e-6, rtol=1e-5)

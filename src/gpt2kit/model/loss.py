@@ -94,10 +94,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_x, grad_w = ctx.saved_tensors
         x_dtype, w_dtype = ctx.dtypes
         gx = gw = None
+        # loss.backward() seeds 1.0: skip scaling then (a full pass over the [V, C] head gradient). Reading
+        # the value is free on CPU; elsewhere (a device sync) or while compiling, always scale.
+        unit = grad_loss.device.type == "cpu" and not torch.compiler.is_compiling() and grad_loss.item() == 1.0
         if ctx.needs_input_grad[0]:
-            gx = grad_x.mul_(grad_loss.to(grad_x.dtype)).to(x_dtype)
+            gx = (grad_x if unit else grad_x.mul_(grad_loss.to(grad_x.dtype))).to(x_dtype)
         if ctx.needs_input_grad[1]:
-            gw = grad_w.mul_(grad_loss).to(w_dtype)
+            gw = (grad_w if unit else grad_w.mul_(grad_loss)).to(w_dtype)
         return gx, gw, None, None
 
 

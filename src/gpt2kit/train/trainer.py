@@ -29,6 +29,7 @@ import torch
 
 from ..errors import UserError
 from ..fileio import atomic_write_text
+from ..runtime import retain_freed_memory
 from . import checkpoint as ckpt
 from . import distributed as dist_api
 from .config import TrainConfig, build_config, flag_name, read_toml, to_toml
@@ -359,6 +360,8 @@ class Trainer:
             torch.set_num_threads(r.threads)
         self.env = dist_api.init_distributed(r.device)
         self.device = self.env.device
+        if self.device.type == "cpu":
+            retain_freed_memory()  # reuse the step's big blocks instead of page-faulting them in again
         self.run_dir = Path(r.out)
         self._check_run_dir(resume, overwrite)
 
