@@ -353,7 +353,7 @@ def _write_shards(tmp, pieces_fn, tok, tok_dir, splitter, workers, dedup, near_d
     else:
         _init_worker(tok_dir, dtype_name, sketch)
 
-    bar = tqdm(total=_total_input_bytes(files), unit="B", unit_scale=True, unit_divisor=1000,
+    bar = tqdm(total=_total_input_bytes(files) if progress else None, unit="B", unit_scale=True, unit_divisor=1000,
                desc="prepare", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     doc = _PendingDoc()
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 import os
 from collections.abc import Collection, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -229,10 +230,10 @@ class Tokenizer:
                 "special_tokens": sorted(self._special.items()),
             }
             h.update(json.dumps(head, sort_keys=True).encode())
-            for t, i in sorted(self._ranks.items(), key=lambda kv: kv[1]):
-                h.update(b"%d:%s\n" % (i, t.hex().encode()))
-            for a, b in self._merges:
-                h.update(b"m%s %s\n" % (a.hex().encode(), b.hex().encode()))
+            # one update per section (the digest is that of the concatenation: same as line by line)
+            ranks = sorted(self._ranks.items(), key=operator.itemgetter(1))
+            h.update("".join([f"{i}:{t.hex()}\n" for t, i in ranks]).encode())
+            h.update("".join([f"m{a.hex()} {b.hex()}\n" for a, b in self._merges]).encode())
             self._fingerprint = h.hexdigest()
         return self._fingerprint
 
