@@ -117,9 +117,20 @@ def main() -> None:
         prefill_time(name)
         warmup_s[name] = round(time.perf_counter() - t, 2)
 
+    # the float32 ceiling, measured in the same rounds: how fast this machine streams the weights'
+    # bytes at all (torch.sum over a buffer of the same size, which reads and adds -- no matrix work)
+    n_weights = sum(p.numel() for p in ours.parameters()) - ours.transformer.wpe.weight.numel()
+    stream = torch.ones(n_weights)
+    stream.sum()
+    read_gb_s = []
+
     times = {n: [] for n in names}
     prefills = {n: [] for n in names}
     for r in range(args.rounds):
+        t = time.perf_counter()
+        for _ in range(5):
+            stream.sum()
+        read_gb_s.append(5 * stream.numel() * 4 / (time.perf_counter() - t) / 1e9)
         for name in names:
             prefills[name].append(prefill_time(name))
             t = time.perf_counter()
@@ -129,7 +140,6 @@ def main() -> None:
                               "prefill_s": round(prefills[name][-1], 4)}), file=sys.stderr, flush=True)
 
     # bytes a decode step reads: every weight matrix once (the tied head counted once), at its dtype
-    n_weights = sum(p.numel() for p in ours.parameters()) - ours.transformer.wpe.weight.numel()
     results = {}
     ref = "hf" if "hf" in names else None
     for name in names:
@@ -152,6 +162,19 @@ def main() -> None:
                 [tr / to for to, tr in zip(times[name], times[ref])]), 3)
             r["ids_equal_hf"] = bool(torch.equal(outputs[name], outputs[ref]))
         results[name] = r
+    read = statistics.median(read_gb_s)
+    ceiling = {
+        "memory_read_gb_s": round(read, 1),
+        "memory_read_gb_s_rounds": [round(x, 1) for x in read_gb_s],
+        "float32_weight_mb_per_token": round(n_weights * 4 / 1e6, 1),
+        # a decode step can go no faster than reading its weights once, with nothing else to do
+        "float32_ceiling_decode_tok_s": round(args.batch * read * 1e9 / (n_weights * 4), 1),
+    }
+    if "hf" in results:
+        ceiling["hf_decode_share_of_ceiling"] = round(results["hf"]["decode_tok_s"] / ceiling["float32_ceiling_decode_tok_s"], 3)
+        ceiling["ceiling_vs_hf_decode"] = round(ceiling["float32_ceiling_decode_tok_s"] / results["hf"]["decode_tok_s"], 3)
+    if "ours" in results:
+        ceiling["ours_decode_share_of_ceiling"] = round(results["ours"]["decode_tok_s"] / ceiling["float32_ceiling_decode_tok_s"], 3)
 
     print(json.dumps({
         "benchmark": "generate",
@@ -162,6 +185,7 @@ def main() -> None:
                   "threads": args.threads, "rounds": args.rounds, "decoding": "greedy", "dtype": "float32 unless *_bf16"},
         "load_avg_1m": round(os.getloadavg()[0], 2),
         "results": results,
+        "float32_memory_ceiling": ceiling,
     }, indent=1))
 
 
