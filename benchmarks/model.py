@@ -11,8 +11,9 @@ Cases (float32, dropout 0, 2 threads unless --threads):
   train-4x256, train-1x1024: one forward + backward + AdamW step (tokens/s, peak RSS)
   prefill-1024: forward of 1024 tokens without grad, logits for the last position only (seconds)
 
-gpt2kit runs as its trainer runs it: fused AdamW and gpt2kit.runtime's glibc malloc settings (big freed
-blocks kept for reuse instead of unmapped and page-faulted in again every step). The controls
+gpt2kit's training steps run as its trainer runs them: fused AdamW and gpt2kit.runtime's glibc malloc
+settings (big freed blocks kept for reuse instead of unmapped and page-faulted in again every step);
+prefill runs with glibc's defaults, as gpt2kit's inference commands do. The controls
 nanogpt-fused (fused AdamW) and nanogpt-tuned (fused AdamW + the same malloc settings) show how much of
 the difference is the model itself.
 """
@@ -291,7 +292,7 @@ def worker(impl: str, case: str, steps: int, threads: int, optimizer: str, mallo
     import torch
 
     torch.set_num_threads(threads)
-    if malloc:  # what gpt2kit's trainer and CLI do in their process (gpt2kit.runtime)
+    if malloc:  # what gpt2kit's trainer does in its process (gpt2kit.runtime)
         from gpt2kit.runtime import retain_freed_memory
 
         assert retain_freed_memory(), "malloc tuning did not apply on this system"
@@ -377,7 +378,8 @@ def main() -> None:
                     base, optimizer = impl.removesuffix("-fused").removesuffix("-tuned"), "fused"
                 elif impl == "gpt2kit-plain-adamw":
                     base = "gpt2kit"
-                malloc = base == "gpt2kit" or impl == "nanogpt-tuned"
+                # gpt2kit's trainer sets glibc's malloc for training; inference leaves it alone
+                malloc = case.startswith("train") and (base == "gpt2kit" or impl == "nanogpt-tuned")
                 res = run_one(base, case, args, optimizer, malloc)
                 runs.setdefault((impl, case), []).append(res)
                 print(f"{case:13s} {impl:16s} " + (f"{res['tokens_per_s']:.1f} tok/s" if "tokens_per_s" in res

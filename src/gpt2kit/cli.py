@@ -69,9 +69,6 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 0 if not argv else 2
-    from .runtime import retain_freed_memory
-
-    retain_freed_memory()  # big CPU tensors are reused instead of page-faulted in again (gpt2kit.runtime)
     try:
         code = args._run(args)
     except UserError as e:

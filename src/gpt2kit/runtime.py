@@ -1,7 +1,10 @@
-"""Process-wide settings that make CPU work faster, applied by gpt2kit's own entry points.
+"""Process-wide settings that make CPU training faster, applied where they were measured to help.
 
-Importing gpt2kit changes nothing in the process; `gpt2kit.cli` (every command) and `Trainer` (on a CPU
-device) call `retain_freed_memory()`. Set GPT2KIT_MALLOC_TUNING=0 to leave the allocator alone.
+Importing gpt2kit changes nothing in the process; `Trainer` (on a CPU device: `gpt2kit train`,
+`finetune`, `distill`) calls `retain_freed_memory()`. Inference commands leave the allocator alone: a
+1024-token prefill ran ~12% slower relative to transformers with it (in-process alternation, 4 runs),
+and inference has no per-step churn of big gradients to save. Set GPT2KIT_MALLOC_TUNING=0 to leave the
+allocator alone in training too.
 """
 
 from __future__ import annotations
