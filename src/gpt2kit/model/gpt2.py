@@ -41,12 +41,18 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = config.attn_dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, attn_mask=None, is_causal=True, kv_cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, attn_mask=None, is_causal=True, kv_cache: KVCache | None = None, layer: int = 0,
+                last_only: bool = False):
+        """last_only: keys and values for every position (the cache needs them), output for the last."""
         B, T, C = x.shape
         # [B, T, 3C] -> three [B, H, T, D] views (no copies: SDPA takes strided inputs)
         q, k, v = linear(x, self.c_attn).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4).unbind(0)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # all keys/values so far: [B, H, P + T, D]
+        if last_only and T > 1:
+            # the last query may see every key: no causal structure left, only the padding mask's row
+            q, T, is_causal = q[:, :, -1:], 1, False
+            attn_mask = None if attn_mask is None else attn_mask[..., -1:, :]
         y = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=attn_mask,
@@ -79,8 +85,11 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, attn_mask=None, is_causal=True, kv_cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), attn_mask, is_causal, kv_cache, layer)
+    def forward(self, x, attn_mask=None, is_causal=True, kv_cache=None, layer=0, last_only=False):
+        """last_only: only the last position's output (the model's last block, when only the last
+        position's logits are wanted: skips the MLP and output projection for the others)."""
+        h = self.attn(self.ln_1(x), attn_mask, is_causal, kv_cache, layer, last_only)
+        x = (x[:, -1:] if last_only else x) + h
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -189,11 +198,13 @@ class GPT2(nn.Module):
 
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(position_ids))
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        last = len(self.transformer.h) - 1
         for layer, block in enumerate(self.transformer.h):
             if checkpointing and kv_cache is None:
                 x = checkpoint(block, x, attn_mask, is_causal, use_reentrant=False)
             else:
-                x = block(x, attn_mask, is_causal, kv_cache, layer)
+                # only the last position leaves the network: its final block computes nothing else
+                x = block(x, attn_mask, is_causal, kv_cache, layer, last_only and layer == last)
         if kv_cache is not None:
             kv_cache.advance(T)
         x = self.transformer.ln_f(x)
