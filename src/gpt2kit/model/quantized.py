@@ -122,11 +122,6 @@ def _cpu_has_vnni() -> bool:
         return False
 
 
-def _linear_dynamic(*args):
-    # the resolved overload: calling torch.ops.<ns>.<op> goes through a slower Python dispatch each time
-    return torch.ops.quantized.linear_dynamic.default(*args)
-
-
 class _Int8Dynamic:
     """Batch 1, int8 per channel: fbgemm's dynamic int8 linear (PyTorch's dynamic quantization kernel).
 
@@ -151,9 +146,11 @@ class _Int8Dynamic:
             warnings.simplefilter("ignore")
             qt = torch._make_per_channel_quantized_tensor(q_s8, store.scales[:, 0].to(torch.float64), zero_points, 0)
             self.packed = torch.ops.quantized.linear_prepack(qt, None if bias is None else bias.float())
+        # the resolved overload: torch.ops.<ns>.<op>(...) resolves it in Python on every call
+        self._linear = torch.ops.quantized.linear_dynamic.default
 
     def __call__(self, x2: torch.Tensor) -> torch.Tensor:
-        return _linear_dynamic(x2.float(), self.packed, self.reduce_range)
+        return self._linear(x2.float(), self.packed, self.reduce_range)
 
 
 class _Int8WeightOnly:
