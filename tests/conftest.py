@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("GPT2KIT_SHARED_DATA", REPO.parent / "shared" / "data"))
-
-
-def shared_path(*parts: str) -> Path:
-    """Path under ../shared/data, or skip the test with a clear reason if it is not there."""
-    p = SHARED_DATA.joinpath(*parts)
-    if not p.exists():
-        pytest.skip(f"reference data not available: {p} (set GPT2KIT_SHARED_DATA to the shared/data folder)")
-    return p
+from shared_data import SHARED_DATA, shared_path
 
 
 @pytest.fixture(scope="session")

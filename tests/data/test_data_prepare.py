@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from datatest_helpers import EOS, random_text, small_tokenizer, write_text
 
-from conftest import shared_path
 from gpt2kit.cli import main
 from gpt2kit.data import iter_split_documents, read_meta
 from gpt2kit.data.meta import document_ends
 from gpt2kit.data.readers import ReadOptions, default_corpus, default_corpus_files
 from gpt2kit.data.shards import SplitAssigner, prepare
 from gpt2kit.tokenizer import Tokenizer
+from shared_data import shared_path
 
 
 @pytest.fixture(scope="module")

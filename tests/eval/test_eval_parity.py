@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 
-from conftest import shared_path
 from gpt2kit.cli import main
+from shared_data import shared_path
 
 N_CTX, STRIDE, LINES = 128, 64, 30
 
