@@ -8,7 +8,9 @@ or tokens/positions of an embedding, cols = the input dimension):
   W~ = (codes - zeros) * scales, computed in float32, so a reloaded checkpoint dequantizes bitwise-equal.
 int8 codes are stored one per byte (`qweight` [rows, cols]); int4 codes two per byte (`qweight`
 [rows, cols / 2], element 2j in the low nibble, 2j + 1 in the high nibble). The tied output head uses
-the token embedding's codes: the head *is* the embedding matrix, quantized once.
+the token embedding's codes: the head *is* the embedding matrix, quantized once. In memory, int8 codes
+are held signed (`codes_s8` = code - 128, zero points moved by 128 with them: the same W~ exactly), the
+form the int8 kernels read, so they need no copies of their own.
 
 Compute: a layer dequantizes its weight and calls F.linear -- except for a few rows at a time (decoding)
 on CPU, where a kernel reads the codes directly (1 or 1/2 byte per weight instead of 4): fbgemm's dynamic
@@ -47,7 +49,7 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    """(codes - zeros) * scales per group; codes [R, C] uint8, scales/zeros [R, C / group]."""
+    """(codes - zeros) * scales per group; codes [R, C] (integers), scales/zeros [R, C / group]."""
     R, C = codes.shape
     G = scales.shape[-1]
     q = codes.view(R, G, C // G).to(torch.float32)
@@ -76,23 +78,44 @@ class _QuantStore(nn.Module):
         self.cols = cols
         self.group_size = cols // scales.shape[1]
         self.compute_dtype = compute_dtype
-        self.register_buffer("qweight", qweight)
+        if bits == 8:
+            # in memory, int8 codes are kept signed (code - 128): the form both CPU int8 kernels read, so
+            # neither needs a copy of its own (files keep the unsigned codes; see file_codes)
+            self.register_buffer("codes_s8", (qweight ^ 0x80).view(torch.int8))
+        else:
+            self.register_buffer("qweight", qweight)
         self.register_buffer("scales", scales.to(torch.float32))
         self.register_buffer("zeros", zeros.to(torch.uint8))
 
-    def codes(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+    @property
+    def device(self) -> torch.device:
+        return self.scales.device
+
+    def file_codes(self) -> torch.Tensor:
+        """The codes as checkpoints store them: uint8, int4 packed two per byte."""
+        return (self.codes_s8.view(torch.uint8) ^ 0x80) if self.bits == 8 else self.qweight
+
+    def codes(self, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes, their zero points) of all rows or of `rows`: W~ = (codes - zeros) * scales."""
+        zeros = self.zeros if rows is None else self.zeros[rows]
+        if self.bits == 8:  # signed codes, so the zero point moves by 128 too (exact integer arithmetic)
+            q = self.codes_s8 if rows is None else self.codes_s8[rows]
+            return q, zeros.to(torch.int16) - 128
         q = self.qweight if rows is None else self.qweight[rows]
-        return unpack_int4(q) if self.bits == 4 else q
+        return unpack_int4(q), zeros
 
     def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         if rows is None:
-            return dequantize(self.codes(), self.scales, self.zeros, self.compute_dtype)
+            q, z = self.codes()
+            return dequantize(q, self.scales, z, self.compute_dtype)
         flat = rows.reshape(-1)
-        w = dequantize(self.codes(flat), self.scales[flat], self.zeros[flat], self.compute_dtype)
+        q, z = self.codes(flat)
+        w = dequantize(q, self.scales[flat], z, self.compute_dtype)
         return w.view(*rows.shape, self.cols)
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {f"{prefix}.qweight": self.qweight, f"{prefix}.scales": self.scales, f"{prefix}.zeros": self.zeros}
+        return {f"{prefix}.qweight": self.file_codes(), f"{prefix}.scales": self.scales,
+                f"{prefix}.zeros": self.zeros}
 
 
 # ----- fast kernels for a few rows at a time (decoding) ------------------------------------------------
@@ -140,7 +163,7 @@ class _Int8Dynamic:
     def __init__(self, store: _QuantStore, bias: torch.Tensor | None):
         import warnings
 
-        q_s8 = (store.qweight.to(torch.int16) - 128).to(torch.int8)
+        q_s8 = store.codes_s8
         zero_points = store.zeros[:, 0].to(torch.int64) - 128
         with warnings.catch_warnings():  # quantized-tensor constructors warn about their own future
             warnings.simplefilter("ignore")
@@ -165,7 +188,7 @@ class _Int8WeightOnly:
         return hasattr(torch, "_weight_int8pack_mm")
 
     def __init__(self, store: _QuantStore, bias: torch.Tensor | None):
-        self.q_s8 = (store.qweight.to(torch.int16) - 128).to(torch.int8).contiguous()
+        self.q_s8 = store.codes_s8  # shared with the store, not copied
         s = store.scales[:, 0]
         self.scales = s.to(torch.bfloat16)
         offset = (128 - store.zeros[:, 0].to(torch.float32)) * s
@@ -255,7 +278,7 @@ class QuantLinear(nn.Module):
     def small_batch_kernel(self, rows: int):
         """A callable x [rows, in] float32 -> y [rows, out] float32 (bias included) that reads the codes
         directly, for a decode step on CPU; None where no such kernel applies (then use forward)."""
-        if self.store.qweight.device.type != "cpu":
+        if self.store.device.type != "cpu":
             return None
         cls = _small_batch_kernel_class(self.store, rows)
         if cls is None:
@@ -364,7 +387,7 @@ def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, t in model.state_dict().items():
         owner = name.rsplit(".", 1)[0]
         if owner in quantized or owner.rsplit(".", 1)[0] in quantized or name == f"{HEAD}.weight":
-            continue  # a quantized module's buffers (`x.store.qweight`) or the tied head
+            continue  # a quantized module's buffers (`x.store.codes_s8`, ...) or the tied head
         t = t.detach()
         out[name] = (t.t() if _is_conv1d(name) else t).contiguous()
     return {k: v.contiguous().cpu() for k, v in out.items()}
