@@ -83,6 +83,19 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
         raise UserError(f"{what} is not valid JSON: {path}:{e.lineno}:{e.colno}: {e.msg}") from None
 
 
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) for each non-blank line of a JSON Lines file; a bad line is a
+    UserError naming file:line."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+
+
 def update_json(path: str | os.PathLike, updates: dict[str, Any]) -> dict[str, Any]:
     """Merge `updates` into the JSON object at `path` (created if absent), atomically; returns the result."""
     path = Path(path)

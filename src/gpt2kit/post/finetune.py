@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError, require_file
+from ..fileio import iter_jsonl
 from ..train.trainer import Trainer
 from .finetune_defaults import DEFAULTS
 from .prune import MASKS_FILE, apply_masks, check_masks_fit, load_masks, save_masks
@@ -145,21 +146,14 @@ def finetune_shards(init: str | Path, data: str | Path, out: str | Path, overrid
 def read_jsonl(path: str | Path, prompt_key: str = "prompt", completion_key: str = "completion") -> list[tuple[str, str]]:
     p = require_file(path, "--jsonl file")
     records = []
-    with open(p, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{p}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get(prompt_key), str) or not isinstance(
-                obj.get(completion_key), str
-            ):
-                raise UserError(f"{p}:{lineno}: expected an object with string fields {prompt_key!r} and {completion_key!r}")
-            if not obj[completion_key]:
-                raise UserError(f"{p}:{lineno}: {completion_key!r} is empty (nothing to learn)")
-            records.append((obj[prompt_key], obj[completion_key]))
+    for lineno, obj in iter_jsonl(p):
+        if not isinstance(obj, dict) or not isinstance(obj.get(prompt_key), str) or not isinstance(
+            obj.get(completion_key), str
+        ):
+            raise UserError(f"{p}:{lineno}: expected an object with string fields {prompt_key!r} and {completion_key!r}")
+        if not obj[completion_key]:
+            raise UserError(f"{p}:{lineno}: {completion_key!r} is empty (nothing to learn)")
+        records.append((obj[prompt_key], obj[completion_key]))
     if not records:
         raise UserError(f"{p}: no records")
     return records

@@ -7,12 +7,11 @@ validation bits per character, one colour per run, so runs with different settin
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..fileio import atomic_write_bytes
+from ..fileio import atomic_write_bytes, iter_jsonl
 
 
 def read_metrics(run_dir: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -23,13 +22,7 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict[str, Any]], list[dict[s
     if not path.is_file():
         raise UserError(f"{path} not found: is {run_dir} a gpt2kit run directory?")
     train, evals = [], []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    for _, row in iter_jsonl(path):
         if "val_loss" in row:
             evals.append(row)
         elif "loss" in row:
