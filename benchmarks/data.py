@@ -7,8 +7,11 @@ Peer (same text, same worker count, timed in the same run, interleaved):
   memory, the encoder already built).
 Ours: `prepare()` in a fresh subprocess (reading files, normalization, exact + near dedup, W tokenizer
 processes, writing train/val/idx/meta atomically), timed from the call to the end with the tokenizer
-already loaded; and the whole `gpt2kit data prepare` command, cold, for the end-to-end picture. Peak RSS
-is sampled (every 10 ms) over the whole process tree.
+already loaded; and the whole `gpt2kit data prepare` command, cold, for the end-to-end picture.
+Peak RSS: the timed runs are not polled (psutil's walk of /proc costs ~2 ms of CPU a sample, ~20% of a
+core at 10 ms, taken from the job being timed); they report a bound from getrusage instead -- the main
+process's peak plus W times the largest worker's peak. The cold CLI run is sampled every 10 ms over the
+whole process tree.
 
     python benchmarks/data.py [--tokenizer ../shared/data/gpt2] [--workers 2] [--rounds 3]
 """
@@ -44,7 +47,11 @@ def cpu():
     return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
 t, c = time.perf_counter(), cpu()
 r = prepare(None, tok, out, val_fraction=0.005, workers=workers, dedup=dedup, progress=False)
-print(json.dumps({"seconds": time.perf_counter() - t, "cpu_seconds": cpu() - c, "bytes": r.input_bytes,
+seconds, cpu_seconds = time.perf_counter() - t, cpu() - c
+# peak RSS bound without polling: this process's peak + each worker at the largest worker's peak (KiB)
+rss = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+       + workers * resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) * 1024
+print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "bytes": r.input_bytes, "rss_bound": rss,
                   "dedup": r.meta["dedup"], "tokens": sum(s["tokens"] for s in r.meta["splits"].values())}))
 """
 
@@ -72,8 +79,11 @@ def _pool_cpu(pool) -> float:
     return total
 
 
-def run_measured(cmd: list[str]) -> tuple[float, int, str]:
-    """(wall seconds, peak RSS of the process tree in bytes, stdout)."""
+def run_measured(cmd: list[str], sample_rss: bool = True) -> tuple[float, int, str]:
+    """(wall seconds, peak RSS of the process tree in bytes (0 unsampled), stdout).
+
+    Sampling costs ~2 ms of CPU per sample (psutil walks /proc), ~20% of a core at 10 ms: on a 2-core
+    machine that is CPU taken from the measured job, so timed runs pass sample_rss=False."""
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -87,11 +97,13 @@ def run_measured(cmd: list[str]) -> tuple[float, int, str]:
             time.sleep(0.01)
 
     th = threading.Thread(target=sample, daemon=True)
-    th.start()
+    if sample_rss:
+        th.start()
     out, err = proc.communicate()
     wall = time.perf_counter() - t
     done.set()
-    th.join()
+    if sample_rss:
+        th.join()
     if proc.returncode != 0:
         raise RuntimeError(f"{cmd} failed:\n{err}")
     return wall, peak[0], out
@@ -153,9 +165,10 @@ def main() -> None:
             assert n_threads == n_pool
             tokens["tiktoken"] = n_threads
             for key, dedup in (("ours", "1"), ("ours_no_dedup", "0")):
-                wall, peak, out = run_measured([sys.executable, "-c", _OURS, args.tokenizer, f"{tmp}/{key}{r}",
-                                                str(args.workers), dedup])
+                _, _, out = run_measured([sys.executable, "-c", _OURS, args.tokenizer, f"{tmp}/{key}{r}",
+                                          str(args.workers), dedup], sample_rss=False)
                 info = json.loads(out)
+                peak = info["rss_bound"]
                 res[key].append(info["bytes"] / 1e6 / info["seconds"])
                 cpu[key].append(info["bytes"] / 1e6 / info["cpu_seconds"])
                 rss[key].append(peak)
