@@ -20,8 +20,8 @@ def tok_dir(tmp_path_factory):
     return small_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
-def _prepare(*args: str) -> list[str]:
-    return ["data", "prepare", *args, "--quiet", "--workers", "1"]
+def _prepare(*args: str, workers: int = 1) -> list[str]:
+    return ["data", "prepare", *args, "--quiet", "--workers", str(workers)]
 
 
 def _fails(capsys, argv, *needles) -> str:
@@ -71,17 +71,19 @@ def test_invalid_jsonl_line_fails_with_file_and_line_or_is_skipped(tok_dir, tmp_
     assert f"{src}:3" in capsys.readouterr().err  # the skip is reported with an example
 
 
-def test_failure_midway_leaves_no_partial_output(tok_dir, tmp_path, capsys):
+@pytest.mark.parametrize("workers", [1, 2])  # with 2, the file is read (and fails) in a worker process
+def test_failure_midway_leaves_no_partial_output(tok_dir, tmp_path, capsys, workers):
     rng = random.Random(0)
     for i in range(30):
         write_text(tmp_path / "in" / f"{i:02d}.txt", random_text(rng, 200))
     (tmp_path / "in" / "99.txt").write_bytes(b"valid start \xff\xfe invalid")
     out = tmp_path / "out"
-    _fails(capsys, _prepare("--input", str(tmp_path / "in"), "--tokenizer", str(tok_dir), "--out", str(out)),
+    _fails(capsys, _prepare("--input", str(tmp_path / "in"), "--tokenizer", str(tok_dir), "--out", str(out),
+                            workers=workers),
            "99.txt", "not valid UTF-8 at byte 12", "--errors replace")
     _no_leftovers(tmp_path)
     assert main(_prepare("--input", str(tmp_path / "in"), "--tokenizer", str(tok_dir), "--out", str(out),
-                         "--errors", "replace")) == 0
+                         "--errors", "replace", workers=workers)) == 0
     assert read_meta(out)["splits"]["train"]["documents"] == 31
 
 

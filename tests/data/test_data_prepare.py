@@ -205,3 +205,31 @@ def test_separated_documents_larger_than_a_part(tok_dir, tmp_path):
             dedup=False, progress=False)
     assert list(iter_split_documents(out, "train", tok)) == docs
     assert _bin(out, "train").tolist() == [i for d in docs for i in tok.encode_ordinary(d) + [tok.eos_id]]
+
+
+def test_whole_files_are_deferred_to_the_workers_with_the_same_text(tmp_path):
+    import gzip
+
+    from gpt2kit.data.readers import FilePiece, Piece, default_corpus_pieces, iter_pieces
+
+    plain = write_text(tmp_path / "a.txt", "héllo wörld\n")
+    packed = tmp_path / "b.txt.gz"
+    packed.write_bytes(gzip.compress(b"zipped text"))
+    big = write_text(tmp_path / "c.txt", "x " * 600)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "empty.txt").write_bytes(b"")  # found in a folder: skipped, as before
+    opts = ReadOptions(max_piece_chars=1000)
+    inputs = [str(plain), str(packed), str(big), str(tmp_path / "folder")]
+    deferred = list(iter_pieces(inputs, opts, defer_whole_files=True))
+    eager = list(iter_pieces(inputs, opts))
+    # plain and small: deferred; compressed or larger than a piece: read as before
+    assert [type(p) for p in deferred] == [FilePiece, Piece, Piece, Piece]
+    assert deferred[0].read() == eager[0].text and deferred[0].source == eager[0].source and deferred[0].last
+    assert [(p.text, p.source, p.last) for p in deferred[1:]] == [(p.text, p.source, p.last) for p in eager[1:]]
+    # split documents are never deferred
+    assert not any(isinstance(p, FilePiece)
+                   for p in iter_pieces([str(plain)], ReadOptions(split_on="\n"), defer_whole_files=True))
+    # the default corpus reads its deferred files exactly as default_corpus() does
+    first = next(default_corpus_pieces(defer_files=True))
+    doc = next(iter(default_corpus()))
+    assert isinstance(first, FilePiece) and (first.source, first.read()) == (doc.source, doc.text)

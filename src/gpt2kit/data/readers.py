@@ -51,6 +51,36 @@ class Piece:
     last: bool = True  # False: the document continues in the next piece
 
 
+@dataclass(frozen=True)
+class FilePiece:
+    """A whole file that is one document, named rather than read: `prepare` hands these to its tokenizer
+    workers, which read the file themselves (`read()`), so the text never passes through the main process
+    or a pipe. `errors` is the UTF-8 policy ("strict" | "replace"), or "source" for Python sources
+    (PEP 263 coding line honoured, undecodable bytes replaced) as the default corpus reads them."""
+
+    path: str
+    errors: str
+    size: int  # bytes on disk (an upper bound of the characters)
+    last = True  # a whole document: never continued
+
+    @property
+    def source(self) -> str:
+        return self.path
+
+    def read(self) -> str:
+        if self.errors == "source":
+            return _read_source(self.path)
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise UserError(f"cannot read --input {self.path}: {e.strerror or e}") from None
+        try:
+            return data.decode("utf-8", self.errors)
+        except UnicodeDecodeError as e:
+            raise _decode_error(self.path, 0, e) from None
+
+
 @dataclass
 class ReadOptions:
     format: str = "auto"  # auto | text | jsonl | parquet
@@ -326,9 +356,13 @@ _READERS = {"text": _iter_text, "jsonl": _iter_jsonl, "parquet": _iter_parquet}
 
 
 def iter_pieces(
-    inputs: Sequence[str] | Sequence[InputFile], opts: ReadOptions | None = None, stats: ReadStats | None = None
-) -> Iterator[Piece]:
-    """Stream the pieces of every document of `inputs` in order (see the module doc)."""
+    inputs: Sequence[str] | Sequence[InputFile], opts: ReadOptions | None = None, stats: ReadStats | None = None,
+    defer_whole_files: bool = False,
+) -> Iterator[Piece | FilePiece]:
+    """Stream the pieces of every document of `inputs` in order (see the module doc).
+
+    With `defer_whole_files`, a plain (uncompressed) text file that is one document and small enough to
+    be one piece comes out as a `FilePiece` to be read by whoever consumes it."""
     opts = opts or ReadOptions()
     stats = stats if stats is not None else ReadStats()
     files = [f if isinstance(f, InputFile) else None for f in inputs]
@@ -336,7 +370,21 @@ def iter_pieces(
         files = resolve_inputs([str(f) for f in inputs])
     for f in files:
         stats.files += 1
-        yield from _READERS[file_format(f.path, opts.format)](f.path, opts, f.explicit, stats)
+        fmt = file_format(f.path, opts.format)
+        if defer_whole_files and fmt == "text" and opts.split_on is None and f.path != STDIN \
+                and _base_suffix(f.path)[1] is None:
+            size = _file_size(f.path)
+            if 0 < size <= opts.max_piece_chars:  # bytes >= characters: one piece
+                yield FilePiece(f.path, opts.errors, size)
+                continue
+        yield from _READERS[fmt](f.path, opts, f.explicit, stats)
+
+
+def _file_size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError as e:
+        raise UserError(f"cannot read --input {path}: {e.strerror or e}") from None
 
 
 def join_pieces(pieces: Iterable[Piece]) -> Iterator[Document]:
@@ -398,14 +446,25 @@ def _read_source(path: str | Path) -> str:
 def default_corpus() -> Iterator[Document]:
     """The Python standard library of the running interpreter, one document per `.py` file, then the
     `pydoc_data` help topics, one document per topic. Needs no download; ~32 MB on CPython 3.11."""
+    for piece in default_corpus_pieces():
+        yield Document(piece.text, piece.source)
+
+
+def default_corpus_pieces(defer_files: bool = False) -> Iterator[Piece | FilePiece]:
+    """`default_corpus()` as pieces; with `defer_files` the `.py` files come as `FilePiece`s, unread."""
     for path in _default_corpus_paths():
+        if defer_files:
+            size = os.path.getsize(path)
+            if size:
+                yield FilePiece(path, "source", size)
+            continue
         text = _read_source(path)
         if text:
-            yield Document(text, path)
+            yield Piece(text, path)
     try:
         from pydoc_data.topics import topics
     except ImportError:  # a stripped-down interpreter
         return
     for name in sorted(topics):
         if topics[name]:
-            yield Document(topics[name], f"pydoc_data.topics:{name}")
+            yield Piece(topics[name], f"pydoc_data.topics:{name}")

@@ -1,7 +1,9 @@
 """`prepare`: documents -> normalized, de-duplicated, tokenized `train.bin` / `val.bin` + `meta.json`.
 
 The pipeline streams: the main process reads pieces of documents (`readers`) and hands batches of them
-to worker processes, which normalize, tokenize, hash (exact dedup) and sketch (MinHash bins) them. The
+to worker processes (a `ProcessPoolExecutor`), which normalize, tokenize, hash (exact dedup) and sketch
+(MinHash bins) them. A file that is one whole document is not read by the main process at all: it goes
+as a `FilePiece` (its name) and the worker reads it, so the text never crosses a pipe. The
 main process takes the results back in input order, decides per document (duplicate? train or val?)
 and appends the ids, followed by one EOS, to the split's file. At most `max_inflight_chars` of text is
 in flight at once, so memory stays bounded whatever the corpus size. Everything is written into a
@@ -28,6 +30,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,12 +43,12 @@ from .dedup import Deduplicator, densify, minhash_bins
 from .meta import DTYPES, FORMAT_VERSION, SPLITS, dtype_for_vocab, read_meta
 from .readers import (
     DEFAULT_CORPUS_NAME,
-    Document,
+    FilePiece,
     Piece,
     ReadOptions,
     ReadStats,
     _default_corpus_paths,
-    default_corpus,
+    default_corpus_pieces,
     iter_pieces,
     join_pieces,
     resolve_inputs,
@@ -126,11 +129,13 @@ class EncodedPiece:
     signature: np.ndarray | None  # ... or the finished signature (whole documents)
 
 
-def _encode_task(texts: list[tuple[str, bool]]) -> list[EncodedPiece]:
+def _encode_task(texts: list[tuple[str | FilePiece, bool]]) -> list[EncodedPiece]:
     tok, dtype, sketch = _WORKER["tokenizer"], _WORKER["dtype"], _WORKER["sketch"]
     encode = _WORKER["encode"]
     out = []
     for text, whole in texts:
+        if isinstance(text, FilePiece):  # read here, in parallel, instead of in the main process
+            text = text.read()
         text = tok.normalize(text)
         raw = text.encode("utf-8", "surrogatepass")
         ids = encode(text).astype(dtype, copy=False)  # ids < vocab_size, which the dtype was chosen to hold
@@ -212,27 +217,36 @@ class _ShardWriter:
             f.close()
 
 
-def _batched_tasks(pieces: Iterable[Piece]) -> Iterator[tuple[list[tuple[str, bool]], list[Piece]]]:
-    """Group pieces into worker tasks of about _TASK_CHARS characters (texts, and the pieces for context)."""
-    batch: list[Piece] = []
+def _stop_pool(pool: ProcessPoolExecutor) -> None:
+    """Shut the workers down now, also mid-task (an error or Ctrl-C in the main process must not wait
+    for the queued work)."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())  # Python < 3.14: no terminate_workers()
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in procs:
+        if proc.is_alive():
+            proc.terminate()
+    for proc in procs:
+        proc.join()
+
+
+def _batched_tasks(pieces: Iterable[Piece | FilePiece]) -> Iterator[tuple[list, list[Piece | FilePiece], int]]:
+    """Group pieces into worker tasks of about _TASK_CHARS characters: ([(text or FilePiece, whole
+    document?)], the pieces for context, characters). A FilePiece counts as its size in bytes."""
+    batch: list[Piece | FilePiece] = []
     size = 0
     first_of_doc = True
-    texts: list[tuple[str, bool]] = []
+    texts: list[tuple[str | FilePiece, bool]] = []
     for p in pieces:
         batch.append(p)
-        texts.append((p.text, first_of_doc and p.last))  # a whole document: sketch finished in the worker
+        deferred = isinstance(p, FilePiece)
+        texts.append((p if deferred else p.text, first_of_doc and p.last))  # whole: sketch finished in the worker
         first_of_doc = p.last
-        size += len(p.text)
+        size += p.size if deferred else len(p.text)
         if size >= _TASK_CHARS:
-            yield texts, batch
+            yield texts, batch, size
             batch, texts, size = [], [], 0
     if batch:
-        yield texts, batch
-
-
-def _documents_as_pieces(docs: Iterable[Document]) -> Iterator[Piece]:
-    for d in docs:
-        yield Piece(d.text, d.source, True)
+        yield texts, batch, size
 
 
 def _load_tokenizer(tokenizer):
@@ -285,17 +299,18 @@ def prepare(
     out_dir = Path(out_dir)
     t0 = time.perf_counter()
 
-    def pieces(stats: ReadStats) -> Iterator[Piece]:
+    def pieces(stats: ReadStats, defer: bool) -> Iterator[Piece | FilePiece]:
+        """The inputs; with `defer`, whole-file documents come unread (the workers read them)."""
         if files is None:
-            return _documents_as_pieces(default_corpus())
-        return iter_pieces(files, read, stats)
+            return default_corpus_pieces(defer_files=defer)
+        return iter_pieces(files, read, stats, defer_whole_files=defer)
 
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         if train_tokenizer_vocab is not None:
             from ..tokenizer import Tokenizer
 
             log(f"training a {train_tokenizer_vocab}-token BPE tokenizer on the inputs ...")
-            texts = (d.text for d in join_pieces(pieces(ReadStats())))
+            texts = (d.text for d in join_pieces(pieces(ReadStats(), defer=False)))
             tok = Tokenizer.train(texts, train_tokenizer_vocab, progress=progress, **(train_tokenizer_kwargs or {}))
             tok.save(tmp / "tokenizer")
             tok_dir, tok_final = str(tmp / "tokenizer"), str(out_dir.resolve() / "tokenizer")
@@ -326,10 +341,25 @@ def _total_input_bytes(files) -> int | None:
     return total
 
 
-def _write_shards(tmp, pieces_fn, tok, tok_dir, splitter, workers, dedup, near_dup, threshold, num_perm,
-                  shingle, seed, progress, max_inflight_chars, log, read, files) -> dict[str, Any]:
+class _NoBar:
+    """Stands in for the progress bar under --quiet (and spares tqdm's import, ~50 ms)."""
+
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(files):
     from tqdm import tqdm
 
+    return tqdm(total=_total_input_bytes(files), unit="B", unit_scale=True, unit_divisor=1000, desc="prepare",
+                file=sys.stderr, dynamic_ncols=True)
+
+
+def _write_shards(tmp, pieces_fn, tok, tok_dir, splitter, workers, dedup, near_dup, threshold, num_perm,
+                  shingle, seed, progress, max_inflight_chars, log, read, files) -> dict[str, Any]:
     dtype_name = dtype_for_vocab(tok.vocab_size)
     dtype = DTYPES[dtype_name]
     sketch = {"num_perm": num_perm, "shingle": shingle, "seed": seed} if dedup and near_dup else None
@@ -349,17 +379,17 @@ def _write_shards(tmp, pieces_fn, tok, tok_dir, splitter, workers, dedup, near_d
         ctx = mp.get_context("fork" if "fork" in methods else "spawn")
         if ctx.get_start_method() != "fork" and tok_dir is None:
             raise UserError("parallel prepare on this platform needs a tokenizer directory, not an object")
-        pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tok_dir, dtype_name, sketch))
+        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                   initargs=(tok_dir, dtype_name, sketch))
     else:
         _init_worker(tok_dir, dtype_name, sketch)
 
-    bar = tqdm(total=_total_input_bytes(files) if progress else None, unit="B", unit_scale=True, unit_divisor=1000,
-               desc="prepare", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    bar = _progress_bar(files) if progress else _NoBar()
     doc = _PendingDoc()
     try:
         inflight: deque = deque()
         inflight_chars = 0
-        tasks = _batched_tasks(pieces_fn(stats))
+        tasks = _batched_tasks(pieces_fn(stats, True))
         exhausted = False
         fingerprint = None
         while True:
@@ -368,9 +398,8 @@ def _write_shards(tmp, pieces_fn, tok, tok_dir, splitter, workers, dedup, near_d
                 if nxt is None:
                     exhausted = True
                     break
-                texts, batch = nxt
-                chars = sum(len(t) for t, _ in texts)
-                res = pool.apply_async(_encode_task, (texts,)) if pool else _encode_task(texts)
+                texts, batch, chars = nxt
+                res = pool.submit(_encode_task, texts) if pool else _encode_task(texts)
                 inflight.append((res, batch, chars))
                 inflight_chars += chars
             if not inflight:
@@ -379,7 +408,7 @@ def _write_shards(tmp, pieces_fn, tok, tok_dir, splitter, workers, dedup, near_d
                 fingerprint = tok.fingerprint
             res, batch, chars = inflight.popleft()
             inflight_chars -= chars
-            encoded = res.get() if pool else res
+            encoded = res.result() if pool else res
             for piece, enc in zip(batch, encoded):
                 bar.update(enc.bytes)
                 doc.source = piece.source
@@ -417,8 +446,7 @@ def _write_shards(tmp, pieces_fn, tok, tok_dir, splitter, workers, dedup, near_d
     finally:
         bar.close()
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            _stop_pool(pool)
         writer.close()
         report.close()
         if doc.spill is not None:
