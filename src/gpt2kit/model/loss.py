@@ -6,6 +6,11 @@ over the rows in chunks; for each chunk it computes the logits, the loss, and ri
 with respect to the hidden states and the head weight (softmax - one_hot, then two matmuls). Backward
 then only scales the stored gradients. Same matmuls as the plain head, one chunk of logits alive at a
 time, and no recomputation.
+
+Layout: on the CPU the chunk's logits are computed transposed, [V, n] = W @ x^T, and the softmax runs
+down the columns. MKL's float32 product for GPT-2's head is much slower in the [n, V] = x @ W^T form
+(~100 vs ~150 GFLOP/s on the Zen 4 machine of docs/benchmarks.md); both gradient products are as fast
+either way. GPUs keep the [n, V] form.
 """
 
 from __future__ import annotations
@@ -21,7 +26,10 @@ _DEFAULT_CHUNK_ELEMENTS = 2**26
 
 
 def _chunks(n_rows: int, vocab: int, chunk_rows: int | None, device_type: str = "cpu"):
-    rows = chunk_rows or max(1, _CHUNK_ELEMENTS.get(device_type, _DEFAULT_CHUNK_ELEMENTS) // vocab)
+    rows = chunk_rows
+    if not rows:  # at most the device's chunk, cut evenly: 4096 rows -> 4 x 1024, not 3 x 1335 + 91
+        limit = max(1, _CHUNK_ELEMENTS.get(device_type, _DEFAULT_CHUNK_ELEMENTS) // vocab)
+        rows = -(-n_rows // -(-n_rows // limit)) if n_rows else limit
     for start in range(0, n_rows, rows):
         yield start, min(start + rows, n_rows)
 
@@ -42,6 +50,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         acc = torch.promote_types(cdtype, torch.float32)  # float32, or float64 for a float64 model
         denom = n_counted.clamp(min=1).to(acc)
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        vocab_major = x.device.type == "cpu"
+        vocab_dim = 0 if vocab_major else 1
         with torch.autocast(x.device.type, enabled=False):
             w = weight.to(cdtype)
             xs = x.to(cdtype)
@@ -52,35 +62,40 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_w.zero_()
             for i, (start, end) in enumerate(_chunks(x.shape[0], weight.shape[0], chunk_rows, x.device.type)):
                 xc, tc = xs[start:end], targets[start:end]
-                logits = torch.mm(xc, w.t()).to(acc)  # [n, V]
                 counted = tc != IGNORE_INDEX
-                safe_t = tc.clamp(min=0).unsqueeze(1)
-                target_logit = logits.gather(1, safe_t).squeeze(1)
+                safe_t = tc.clamp(min=0).unsqueeze(vocab_dim)
+                if vocab_major:  # logits^T [V, n]: the product's fast layout on the CPU (see the module doc)
+                    logits = torch.mm(w, xc.t()).to(acc)
+                else:  # logits [n, V]
+                    logits = torch.mm(xc, w.t()).to(acc)
+                target_logit = logits.gather(vocab_dim, safe_t).squeeze(vocab_dim)
                 # log-sum-exp with a single exp pass, in place: logits become exp(logits - max)
-                row_max = logits.amax(dim=-1, keepdim=True)
+                row_max = logits.amax(dim=vocab_dim, keepdim=True)
                 exps = logits.sub_(row_max).exp_()
-                sum_exp = exps.sum(dim=-1, keepdim=True)
-                lse = (row_max + sum_exp.log()).squeeze(1)
+                sum_exp = exps.sum(dim=vocab_dim, keepdim=True)
+                lse = (row_max + sum_exp.log()).squeeze(vocab_dim)
                 loss_sum += ((lse - target_logit) * counted).sum()
                 if need_x or need_w:
                     # d loss / d logits = (softmax - one_hot) / n_counted, zero on rows not counted
-                    row_scale = counted.unsqueeze(1).to(exps.dtype) / (sum_exp * denom)
-                    g = exps.mul_(row_scale)
-                    g.scatter_add_(1, safe_t, -(counted.unsqueeze(1).to(g.dtype) / denom))
+                    weight_of_row = counted.unsqueeze(vocab_dim).to(exps.dtype)
+                    g = exps.mul_(weight_of_row / (sum_exp * denom))
+                    g.scatter_add_(vocab_dim, safe_t, -(weight_of_row / denom))
                     g = g.to(cdtype)
+                    g_rows = g.t() if vocab_major else g  # [n, V] (a view when vocab-major)
+                    g_vocab = g if vocab_major else g.t()  # [V, n]
                     if need_x:
-                        torch.mm(g, w, out=grad_x[start:end])
+                        torch.mm(g_rows, w, out=grad_x[start:end])
                     if need_w:
                         if cdtype == acc:
                             # the first chunk writes (no zero-fill of the [V, C] buffer), the rest accumulate
                             if i == 0:
-                                torch.mm(g.t(), xc, out=grad_w)
+                                torch.mm(g_vocab, xc, out=grad_w)
                             else:
-                                grad_w.addmm_(g.t(), xc)
+                                grad_w.addmm_(g_vocab, xc)
                         elif i == 0:
-                            grad_w.copy_(torch.mm(g.t(), xc))
+                            grad_w.copy_(torch.mm(g_vocab, xc))
                         else:
-                            grad_w += torch.mm(g.t(), xc).to(acc)
+                            grad_w += torch.mm(g_vocab, xc).to(acc)
                 del logits, exps
         ctx.save_for_backward(
             grad_x if grad_x is not None else torch.empty(0),
