@@ -123,6 +123,8 @@ def test_generate_delegates_to_the_generation_module(monkeypatch):
 
 @pytest.mark.parametrize("activation", [None, "gelu"])
 def test_onednn_linear_path_equals_f_linear(activation, monkeypatch):
+    import torch.nn.functional as F
+
     import gpt2kit.model.linear as linear_module
 
     layer = torch.nn.Linear(48, 80)
@@ -138,6 +140,10 @@ def test_onednn_linear_path_equals_f_linear(activation, monkeypatch):
         results[fast] = (y, gx, gw, gb, y_inference)
     for a, b in zip(results[True], results[False]):
         assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+    # with a gradient wanted, the plain path runs (oneDNN is for inference only)
+    plain = F.linear(x, layer.weight, layer.bias)
+    plain = F.gelu(plain, approximate="tanh") if activation == "gelu" else plain
+    assert torch.equal(results[True][0], plain)
 
 
 def test_model_is_the_same_with_and_without_the_onednn_path(monkeypatch):
