@@ -70,11 +70,8 @@ class FilePiece:
     def read(self) -> str:
         if self.errors == "source":
             return _read_source(self.path)
-        try:
-            with open(self.path, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            raise UserError(f"cannot read --input {self.path}: {e.strerror or e}") from None
+        with _open_binary(self.path) as f:
+            data = f.read()
         try:
             return data.decode("utf-8", self.errors)
         except UnicodeDecodeError as e:
