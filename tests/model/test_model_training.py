@@ -121,14 +121,45 @@ def test_generate_delegates_to_the_generation_module(monkeypatch):
     assert model.generate(idx, max_new_tokens=3) == ("called", model, idx, {"max_new_tokens": 3})
 
 
-@pytest.mark.parametrize("activation", [None, "gelu"])
-def test_linear_is_f_linear_then_gelu(activation):
+def test_linear_is_f_linear():
     import torch.nn.functional as F
 
     from gpt2kit.model.linear import linear
 
     layer = torch.nn.Linear(48, 80)
     x = torch.randn(3, 100, 48)
-    expected = F.linear(x, layer.weight, layer.bias)
-    expected = F.gelu(expected, approximate="tanh") if activation == "gelu" else expected
-    assert torch.equal(linear(x, layer, activation), expected)
+    assert torch.equal(linear(x, layer), F.linear(x, layer.weight, layer.bias))
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_gelu_linear_matches_autograd_bitwise_and_saves_less(autocast):
+    """gelu_linear recomputes gelu(u) in backward: same output and gradients as plain autograd, bit for
+    bit (float32, and under bf16 autocast), while keeping only u -- not gelu(u) -- for backward."""
+    import torch.nn.functional as F
+
+    from gpt2kit.model.linear import gelu_linear
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(192, 48)
+    u0 = torch.randn(2, 37, 192)
+
+    def run(fn):
+        u = u0.clone().requires_grad_()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                y = fn(u)
+        y.float().pow(2).sum().backward()
+        grads = [u.grad, layer.weight.grad.clone(), layer.bias.grad.clone()]
+        layer.zero_grad(set_to_none=True)
+        big = sum(t.numel() for t in saved if t.shape[-1] == 192 and t.shape != layer.weight.shape)  # activations
+        return y, grads, big
+
+    y_ref, g_ref, big_ref = run(lambda u: F.linear(F.gelu(u, approximate="tanh"), layer.weight, layer.bias))
+    y, g, big = run(lambda u: gelu_linear(u, layer))
+    assert y.dtype == y_ref.dtype and torch.equal(y, y_ref)
+    for a, b in zip(g, g_ref):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert big == u0.numel() and big_ref >= 2 * u0.numel()  # u only, against u and gelu(u)
+    with torch.no_grad():
+        assert torch.equal(gelu_linear(u0, layer), F.linear(F.gelu(u0, approximate="tanh"), layer.weight, layer.bias))

@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import UserError
 from .config import GPT2Config
 from .kv_cache import KVCache
-from .linear import linear
+from .linear import gelu_linear, linear
 from .loss import linear_cross_entropy
 
 
@@ -72,7 +72,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         # GPT-2's GELU is the tanh approximation ("gelu_new" in transformers)
-        return self.dropout(linear(linear(x, self.c_fc, activation="gelu"), self.c_proj))
+        return self.dropout(gelu_linear(linear(x, self.c_fc), self.c_proj))
 
 
 class Block(nn.Module):
