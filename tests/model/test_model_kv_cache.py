@@ -137,3 +137,20 @@ def test_any_integer_dtype_is_accepted_and_floats_are_not(model):
         assert torch.equal(model(idx.to(dtype)).logits, ref), dtype
     with pytest.raises(UserError, match="integer token ids"):
         model(idx.float())
+
+
+def test_cached_attention_on_cuda_leaves_out_cudnn():
+    """cuDNN's SDPA builds a graph per key length, i.e. per decoded token: KV-cache steps on CUDA must not
+    use it (measured on an H100: bf16 greedy decoding 17 -> 262 tokens/s). The switch only sets backend
+    flags, so it is checked without a GPU; training and CPU runs keep SDPA's own choice."""
+    from gpt2kit.model.gpt2 import _attention_backends
+
+    cache = KVCache.allocate(GPT2Config.from_preset("gpt2-tiny"), 1, 8)
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with _attention_backends(torch.device("cuda"), cache):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+    for device, kv in ((torch.device("cuda"), None), (torch.device("cpu"), cache)):
+        with _attention_backends(device, kv):
+            assert torch.backends.cuda.cudnn_sdp_enabled() == before

@@ -10,12 +10,14 @@ converting a checkpoint is a rename-free transpose: HF stores those four project
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
@@ -30,6 +32,18 @@ class GPT2Output:
     logits: torch.Tensor | None  # [B, T, V] ([B, 1, V] with last_only); None when only the loss was asked
     loss: torch.Tensor | None  # scalar mean NLL over the counted targets; None without targets
     kv_cache: KVCache | None
+
+
+# SDPA kernels for KV-cache steps on CUDA: every backend but cuDNN's, which builds (and caches) an execution
+# graph per key length -- a new one for every decoded token. On an H100, greedy bf16 decoding at batch 1 ran
+# at 17 tokens/s with it and 262 without (float32 has no cuDNN kernel; docs/benchmarks.md, GPU section).
+_CACHED_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _attention_backends(device: torch.device, kv_cache: KVCache | None):
+    if kv_cache is not None and device.type == "cuda":
+        return sdpa_kernel(_CACHED_ATTENTION_BACKENDS)
+    return contextlib.nullcontext()
 
 
 class CausalSelfAttention(nn.Module):
@@ -199,12 +213,13 @@ class GPT2(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(position_ids))
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         last = len(self.transformer.h) - 1
-        for layer, block in enumerate(self.transformer.h):
-            if checkpointing and kv_cache is None:
-                x = checkpoint(block, x, attn_mask, is_causal, use_reentrant=False)
-            else:
-                # only the last position leaves the network: its final block computes nothing else
-                x = block(x, attn_mask, is_causal, kv_cache, layer, last_only and layer == last)
+        with _attention_backends(idx.device, kv_cache):
+            for layer, block in enumerate(self.transformer.h):
+                if checkpointing and kv_cache is None:
+                    x = checkpoint(block, x, attn_mask, is_causal, use_reentrant=False)
+                else:
+                    # only the last position leaves the network: its final block computes nothing else
+                    x = block(x, attn_mask, is_causal, kv_cache, layer, last_only and layer == last)
         if kv_cache is not None:
             kv_cache.advance(T)
         x = self.transformer.ln_f(x)
