@@ -50,7 +50,6 @@ class _GeluLinear(torch.autograd.Function):
         y = F.linear(F.gelu(u, approximate="tanh"), weight, bias)
         ctx.save_for_backward(u, weight)
         ctx.compute_dtype = y.dtype
-        ctx.has_bias = bias is not None
         ctx.param_dtypes = (weight.dtype, bias.dtype if bias is not None else None)
         return y
 
@@ -67,7 +66,7 @@ class _GeluLinear(torch.autograd.Function):
                 h = F.gelu(u2, approximate="tanh").to(cdtype)  # the recomputed activation
                 grad_w = torch.mm(g.t(), h).to(w_dtype)
                 del h
-            if ctx.needs_input_grad[2] and ctx.has_bias:
+            if ctx.needs_input_grad[2] and b_dtype is not None:
                 grad_b = g.sum(0).to(b_dtype)
             if ctx.needs_input_grad[0]:
                 grad_h = torch.mm(g, weight.to(cdtype)).to(u.dtype)
