@@ -126,7 +126,7 @@ class TokenStream:
         pad_id: int | None = None,
         fast: bool | str = "auto",
     ):
-        from .model import KVCache
+        from .model.kv_cache import KVCache
 
         validate_sampling(temperature, top_k, top_p, repetition_penalty)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:

@@ -175,9 +175,10 @@ def test_dtype_and_device_arguments(tmp_path):
 
 def test_quantized_checkpoints_are_delegated(tmp_path, monkeypatch):
     calls = []
-    fake = types.ModuleType("gpt2kit.model.quantized")
-    fake.load_quantized = lambda path, device=None, dtype=None: calls.append((path, device, dtype)) or "q"
-    monkeypatch.setitem(sys.modules, "gpt2kit.model.quantized", fake)
+    import gpt2kit.model.pretrained as pretrained
+
+    monkeypatch.setattr(pretrained, "load_quantized",
+                        lambda path, device=None, dtype=None, model_class=None: calls.append((path, device, dtype)) or "q")
     (tmp_path / "gpt2kit.json").write_text(json.dumps({"quantization": {"bits": 8}}))
     assert GPT2.from_pretrained(tmp_path, device="cpu") == "q"
     assert calls == [(tmp_path, "cpu", None)]

@@ -110,12 +110,9 @@ def test_weights_are_tied_and_initialised_as_gpt2():
 
 
 def test_generate_delegates_to_the_generation_module(monkeypatch):
-    import sys
-    import types
+    import gpt2kit.model.pretrained as pretrained
 
-    fake = types.ModuleType("gpt2kit.generate")
-    fake.generate = lambda model, idx, **kw: ("called", model, idx, kw)
-    monkeypatch.setitem(sys.modules, "gpt2kit.generate", fake)
+    monkeypatch.setattr(pretrained, "_generate", lambda model, idx, **kw: ("called", model, idx, kw))
     model = small_model()
     idx = torch.zeros(1, 1, dtype=torch.long)
     assert model.generate(idx, max_new_tokens=3) == ("called", model, idx, {"max_new_tokens": 3})

@@ -108,7 +108,10 @@ class Block(nn.Module):
         return x
 
 
-class GPT2(nn.Module):
+class GPT2Network(nn.Module):
+    """The network alone. The public `gpt2kit.model.GPT2` adds loading, saving and generation on top
+    (model/pretrained.py), so this file depends on neither its file format nor its users."""
+
     def __init__(self, config: GPT2Config):
         super().__init__()
         self.config = config
@@ -287,25 +290,3 @@ class GPT2(nn.Module):
             # empty (an all-masked row would give NaN; its output is never used)
             mask = (mask & attention_mask[:, None, None, :]) | (k_pos == q_pos)  # [B, 1, T, P + T]
         return mask, False
-
-    # ----- convenience ---------------------------------------------------------------------------------
-
-    def generate(self, idx: torch.Tensor, **kwargs):
-        """Sample a continuation of `idx`; see gpt2kit.generate.generate for the options."""
-        from ..generate import generate
-
-        return generate(self, idx, **kwargs)
-
-    @classmethod
-    def from_pretrained(cls, path, device=None, dtype=None) -> GPT2:
-        """Load a gpt2kit checkpoint directory or a local Hugging Face GPT-2 directory."""
-        from .hf import load_pretrained
-
-        return load_pretrained(path, device=device, dtype=dtype)
-
-    def save_pretrained(self, path, tokenizer=None, extra: dict | None = None) -> None:
-        """Write config.json, model.safetensors (HF layout), the tokenizer files and gpt2kit.json."""
-        from .hf import save_pretrained
-
-        save_pretrained(self, path, tokenizer=tokenizer, extra=extra)
-

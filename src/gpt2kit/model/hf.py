@@ -23,7 +23,7 @@ import torch
 from ..errors import UserError, require_dir
 from ..fileio import atomic_write_json, read_json, update_json
 from .config import GPT2Config
-from .gpt2 import GPT2
+from .gpt2 import GPT2Network
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -45,7 +45,7 @@ def _is_conv1d(name: str) -> bool:
 # ----- state dicts ---------------------------------------------------------------------------------------
 
 
-def to_hf_state_dict(model: GPT2) -> dict[str, torch.Tensor]:
+def to_hf_state_dict(model: GPT2Network) -> dict[str, torch.Tensor]:
     """Our parameters under HF names, Conv1D weights transposed, the tied head left out (HF re-ties it)."""
     out = {}
     for name, tensor in model.state_dict().items():
@@ -94,7 +94,7 @@ def from_hf_state_dict(sd: dict[str, torch.Tensor], config: GPT2Config, source: 
 
 def _expected_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
-        model = GPT2(config)
+        model = GPT2Network(config)
     return {n: tuple(t.shape) for n, t in model.state_dict().items() if n != _TIED_HEAD}
 
 
@@ -126,16 +126,18 @@ def _one_line(e: Exception) -> str:
     return text[0][:300] if text else type(e).__name__
 
 
-def load_pretrained(path, device=None, dtype=None) -> GPT2:
-    path = require_dir(path, "model directory")
+def is_quantized_checkpoint(path: Path) -> bool:
+    """True when `path` holds a checkpoint written by `gpt2kit quantize` (read by quantized_io.py)."""
     meta_file = path / GPT2KIT_FILE
-    if meta_file.exists():
-        meta = read_json(meta_file, "gpt2kit checkpoint metadata")
-        if isinstance(meta, dict) and "quantization" in meta:
-            from .quantized import load_quantized
+    if not meta_file.exists():
+        return False
+    meta = read_json(meta_file, "gpt2kit checkpoint metadata")
+    return isinstance(meta, dict) and "quantization" in meta
 
-            return load_quantized(path, device=device, dtype=dtype)
 
+def load_pretrained(path, device=None, dtype=None, model_class: type[GPT2Network] = GPT2Network) -> GPT2Network:
+    """A float checkpoint (ours or a local HF GPT-2 directory) as an instance of `model_class`."""
+    path = require_dir(path, "model directory")
     config = GPT2Config.from_hf_dict(read_json(path / CONFIG_FILE, "model config"), source=str(path / CONFIG_FILE))
     if (path / WEIGHTS_FILE).exists():
         weights_file = path / WEIGHTS_FILE
@@ -150,7 +152,7 @@ def load_pretrained(path, device=None, dtype=None) -> GPT2:
 
     # build without initialising (meta device), then adopt the loaded tensors
     with torch.device("meta"):
-        model = GPT2(config)
+        model = model_class(config)
     dtype = dtype or _common_float_dtype(state)
     state = {n: t.to(device=device or "cpu", dtype=dtype if t.is_floating_point() else t.dtype).contiguous()
              for n, t in state.items()}
@@ -198,7 +200,7 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
         raise
 
 
-def save_pretrained(model: GPT2, path, tokenizer=None, extra: dict | None = None) -> None:
+def save_pretrained(model: GPT2Network, path, tokenizer=None, extra: dict | None = None) -> None:
     """Write (or refresh) a checkpoint directory. Each file is replaced atomically."""
     from .. import __version__
 

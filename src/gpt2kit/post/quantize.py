@@ -30,8 +30,8 @@ from ..model.quantized import (
     is_quantized,
     pack_int4,
     quantizable_modules,
-    quantized_state_dict,
 )
+from ..model.quantized_io import quantized_state_dict
 
 SCHEME = "affine-minmax"  # the name saved in gpt2kit.json
 
