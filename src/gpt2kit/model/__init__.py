@@ -21,7 +21,8 @@ _EXPORTS = {
     "check_tokenizer_fits": "hf",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = ["GPT2", "PRESETS", "ConfigError", "GPT2Config", "GPT2Network", "GPT2Output", "KVCache",
+           "check_tokenizer_fits"]
 
 __getattr__ = lazy_getattr(__name__, _EXPORTS)
 
