@@ -25,6 +25,26 @@ class GPT2Config:
     layer_norm_epsilon: float = 1e-5
     eos_token_id: int = 50256  # GPT-2 uses one token as both BOS and EOS: <|endoftext|>
 
+    # ----- variants: anything below set away from its default makes a model that is NOT GPT-2 ---------
+    # (config.json then says model_type "gpt2kit", which transformers refuses; see to_hf_dict)
+    # attention (model/attention.py): one pattern for every layer, or a per-layer list (Gemma 2's layer_types)
+    attention: str = "dense"  # "dense" | "sliding" | "fixed" | "linear"
+    attention_layers: tuple[str, ...] | None = None  # per-layer names; overrides `attention`
+    window: int = 256  # sliding: each query sees its `window` most recent positions, itself included
+    attention_block: int = 128  # fixed: local block length (Child et al. 2019's l)
+    attention_summary: int = 1  # fixed: summary columns at the end of each block (their c)
+    # Mixture-of-Experts feed-forward (model/moe.py); moe_experts=0: every block dense
+    moe_experts: int = 0
+    moe_top_k: int = 1
+    moe_every: int = 1  # every n-th block is MoE (blocks n-1, 2n-1, ...), the rest dense
+    moe_capacity_factor: float = 1.25  # training
+    moe_eval_capacity_factor: float = 2.0
+    moe_dropless: bool = False  # no capacity limit at all
+    moe_aux_loss_coef: float = 0.01  # Switch load-balancing loss alpha
+    moe_z_loss_coef: float = 1e-3  # ST-MoE router z-loss
+    # cross-layer weight sharing: "none" (GPT-2), "all" (ALBERT), "pairs" (each block applied twice, MobileLLM-LS)
+    share_layers: str = "none"
+
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_ctx", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
@@ -46,6 +66,32 @@ class GPT2Config:
             raise ConfigError(
                 f"model config: eos_token_id must be an integer in [0, vocab_size={self.vocab_size}), got {eos!r}"
             )
+        if isinstance(self.attention_layers, list):
+            object.__setattr__(self, "attention_layers", tuple(self.attention_layers))
+        _check_variant(self)
+
+    # ----- variants ----------------------------------------------------------------------------------
+
+    @property
+    def layer_attention(self) -> tuple[str, ...]:
+        """The attention pattern of each layer."""
+        return tuple(self.attention_layers) if self.attention_layers is not None else (self.attention,) * self.n_layer
+
+    @property
+    def is_gpt2(self) -> bool:
+        """True for plain GPT-2 (what transformers' GPT2LMHeadModel computes); False for any variant."""
+        return not self.variant()
+
+    def variant(self) -> dict[str, Any]:
+        """The variant fields that are not at their GPT-2 default ({} for plain GPT-2)."""
+        out = {}
+        for name, default in _VARIANT_DEFAULTS.items():
+            value = getattr(self, name)
+            if name == "attention_layers" and value is not None and all(a == "dense" for a in value):
+                continue  # an all-dense per-layer list is plain GPT-2
+            if value != default:
+                out[name] = list(value) if isinstance(value, tuple) else value
+        return out
 
     @property
     def head_dim(self) -> int:
@@ -77,7 +123,22 @@ class GPT2Config:
     # ----- Hugging Face config.json ------------------------------------------------------------------
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """The keys of `transformers.GPT2Config`, so `GPT2LMHeadModel.from_pretrained(dir)` opens our dir."""
+        """The keys of `transformers.GPT2Config`, so `GPT2LMHeadModel.from_pretrained(dir)` opens our dir.
+
+        A variant is written with model_type "gpt2kit" (and its settings under "gpt2kit_variant"), a
+        type transformers does not know, so it refuses the checkpoint instead of loading it as GPT-2.
+        """
+        variant = self.variant()
+        out = self._hf_gpt2_keys()
+        if variant:
+            all_fields = {n: getattr(self, n) for n in _VARIANT_DEFAULTS}
+            if self.attention_layers is not None:
+                all_fields["attention_layers"] = list(self.attention_layers)
+            out |= {"model_type": VARIANT_MODEL_TYPE, "architectures": ["GPT2KitForCausalLM"],
+                    "gpt2kit_variant": all_fields}
+        return out
+
+    def _hf_gpt2_keys(self) -> dict[str, Any]:
         return {
             "model_type": "gpt2",
             "architectures": ["GPT2LMHeadModel"],
@@ -110,8 +171,16 @@ class GPT2Config:
         if not isinstance(d, dict):
             raise ConfigError(f"{source}: expected a JSON object")
         model_type = d.get("model_type", "gpt2")
-        if model_type != "gpt2":
-            raise ConfigError(f"{source}: model_type is {model_type!r}, expected 'gpt2'")
+        if model_type not in ("gpt2", VARIANT_MODEL_TYPE):
+            raise ConfigError(f"{source}: model_type is {model_type!r}, expected 'gpt2' (or {VARIANT_MODEL_TYPE!r})")
+        variant = d.get("gpt2kit_variant", {}) if model_type == VARIANT_MODEL_TYPE else {}
+        if not isinstance(variant, dict):
+            raise ConfigError(f"{source}: gpt2kit_variant must be a JSON object")
+        unknown = sorted(set(variant) - set(_VARIANT_DEFAULTS))
+        if unknown:
+            raise ConfigError(f"{source}: unknown gpt2kit_variant field {unknown[0]!r}")
+        if "attention_layers" in variant and isinstance(variant["attention_layers"], list):
+            variant = variant | {"attention_layers": tuple(variant["attention_layers"])}
         n_embd = d.get("n_embd", 768)
         n_inner = d.get("n_inner")
         if n_inner is not None and n_inner != 4 * n_embd:
@@ -149,9 +218,65 @@ class GPT2Config:
                 attn_dropout=d.get("attn_pdrop", 0.1),
                 layer_norm_epsilon=d.get("layer_norm_epsilon", 1e-5),
                 eos_token_id=eos,
+                **variant,
             )
+        except TypeError as e:
+            raise ConfigError(f"{source}: {e}") from None
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
+
+
+VARIANT_MODEL_TYPE = "gpt2kit"
+ATTENTION_KINDS = ("dense", "sliding", "fixed", "linear")
+SHARE_LAYERS = ("none", "all", "pairs")
+_VARIANT_DEFAULTS = {
+    f.name: f.default for f in fields(GPT2Config)
+    if f.name in {"attention", "attention_layers", "window", "attention_block", "attention_summary",
+                  "share_layers"} or f.name.startswith("moe_")
+}
+
+
+def _positive_int(config: GPT2Config, name: str) -> int:
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"model config: {name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _check_variant(c: GPT2Config) -> None:
+    """Validate the variant fields; one line naming the field."""
+    for name in ([c.attention] if c.attention_layers is None else list(c.attention_layers)):
+        if name not in ATTENTION_KINDS:
+            raise ConfigError(f"model config: unknown attention {name!r}; expected one of: {', '.join(ATTENTION_KINDS)}")
+    if c.attention_layers is not None and len(c.attention_layers) != c.n_layer:
+        raise ConfigError(
+            f"model config: attention_layers lists {len(c.attention_layers)} layers, the model has n_layer={c.n_layer}"
+        )
+    for name in ("window", "attention_block", "attention_summary", "moe_every"):
+        _positive_int(c, name)
+    if c.attention_summary > c.attention_block:
+        raise ConfigError(f"model config: attention_summary ({c.attention_summary}) must be <= attention_block "
+                          f"({c.attention_block})")
+    if isinstance(c.moe_experts, bool) or not isinstance(c.moe_experts, int) or c.moe_experts < 0:
+        raise ConfigError(f"model config: moe_experts must be an integer >= 0, got {c.moe_experts!r}")
+    if c.moe_experts:
+        k = _positive_int(c, "moe_top_k")
+        if k > c.moe_experts:
+            raise ConfigError(f"model config: moe_top_k ({k}) must be <= moe_experts ({c.moe_experts})")
+    for name in ("moe_capacity_factor", "moe_eval_capacity_factor"):
+        v = getattr(c, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or v != v:
+            raise ConfigError(f"model config: {name} must be a number > 0, got {v!r}")
+    for name in ("moe_aux_loss_coef", "moe_z_loss_coef"):
+        v = getattr(c, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+            raise ConfigError(f"model config: {name} must be a number >= 0, got {v!r}")
+    if not isinstance(c.moe_dropless, bool):
+        raise ConfigError(f"model config: moe_dropless must be true or false, got {c.moe_dropless!r}")
+    if c.share_layers not in SHARE_LAYERS:
+        raise ConfigError(f"model config: share_layers must be one of {', '.join(SHARE_LAYERS)}, got {c.share_layers!r}")
+    if c.share_layers == "pairs" and c.n_layer % 2:
+        raise ConfigError(f"model config: share_layers='pairs' needs an even n_layer, got {c.n_layer}")
 
 
 PRESETS: dict[str, GPT2Config] = {
