@@ -33,6 +33,20 @@ class ModelCfg:
     attn_dropout: float | None = None
     grad_checkpointing: bool = False
     init_from: str = ""  # a checkpoint directory to start from instead of random weights
+    # variants (not GPT-2; model/config.py): attention pattern, Mixture-of-Experts, shared layers
+    attention: str = "dense"
+    attention_layers: str = ""  # comma-separated per-layer patterns, e.g. "sliding,sliding,sliding,dense"
+    window: int | None = None
+    block: int | None = None  # fixed attention: local block length
+    moe_experts: int = 0
+    moe_top_k: int | None = None
+    moe_every: int | None = None
+    moe_capacity_factor: float | None = None
+    moe_eval_capacity_factor: float | None = None
+    moe_dropless: bool = False
+    moe_aux_loss_coef: float | None = None
+    moe_z_loss_coef: float | None = None
+    share_layers: str = "none"
 
 
 @dataclass
@@ -79,6 +93,7 @@ class RunCfg:
     tensorboard: bool = False
     progress: bool = True
     threads: int = 0  # torch CPU threads (0: torch's default)
+    expert_parallel: bool = False  # under torchrun: MoE experts sharded over ranks (all-to-all dispatch)
 
 
 @dataclass
@@ -99,6 +114,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "schedule": ("cosine", "inverse_sqrt", "constant"),
     "dtype": ("fp32", "bf16", "fp16"),
     "strategy": ("ddp", "fsdp", "zero1"),
+    "attention": ("dense", "sliding", "fixed", "linear"),
+    "share_layers": ("none", "all", "pairs"),
 }
 
 
@@ -129,6 +146,17 @@ HELP: dict[str, str] = {
     "time_limit": "seconds of training: max_steps is lowered early to fit (0: off)",
     "tensorboard": "also write TensorBoard events (if installed)", "progress": "show the progress bar",
     "threads": "torch CPU threads (0: default)",
+    "attention": "attention pattern: dense (GPT-2) | sliding | fixed | linear",
+    "attention_layers": "per-layer patterns, comma-separated (e.g. sliding,sliding,sliding,dense)",
+    "window": "sliding attention: keys each query sees, itself included (default 256)",
+    "block": "fixed attention: local block length (default 128)",
+    "moe_experts": "Mixture-of-Experts: experts per MoE block (0: dense FFN)",
+    "moe_top_k": "experts per token (1: Switch, 2: Mixtral)", "moe_every": "every n-th block is MoE",
+    "moe_capacity_factor": "expert capacity factor in training", "moe_eval_capacity_factor": "... in evaluation",
+    "moe_dropless": "no expert capacity limit", "moe_aux_loss_coef": "load-balancing loss alpha (default 0.01)",
+    "moe_z_loss_coef": "router z-loss coefficient (default 1e-3)",
+    "share_layers": "cross-layer weight sharing: none | all (ALBERT) | pairs (MobileLLM-LS)",
+    "expert_parallel": "under torchrun: shard MoE experts over ranks (all-to-all)",
 }
 
 

@@ -255,6 +255,7 @@ def model_config_from(cfg: TrainConfig, meta: dict[str, Any]):
         # its context; a preset's 1024-row position table with untrained rows past the block size would
         # make eval and generation past it quietly wrong
         overrides["n_ctx"] = cfg.data.block_size
+    overrides.update(_variant_overrides(m))
     vocab = m.vocab_size if m.vocab_size is not None else meta["vocab_size"]
     if vocab < meta["vocab_size"]:
         raise UserError(
@@ -272,6 +273,30 @@ def model_config_from(cfg: TrainConfig, meta: dict[str, Any]):
             f"(raise --n-ctx or lower --block-size)"
         )
     return mc
+
+
+def _variant_overrides(m) -> dict[str, Any]:
+    """GPT2Config variant fields from the [model] keys that are set (model/config.py validates them)."""
+    out: dict[str, Any] = {}
+    if m.attention != "dense":
+        out["attention"] = m.attention
+    if m.attention_layers:
+        out["attention_layers"] = tuple(a.strip() for a in m.attention_layers.split(",") if a.strip())
+    if m.window is not None:
+        out["window"] = m.window
+    if m.block is not None:
+        out["attention_block"] = m.block
+    if m.moe_experts:
+        out["moe_experts"] = m.moe_experts
+    for k in ("moe_top_k", "moe_every", "moe_capacity_factor", "moe_eval_capacity_factor", "moe_aux_loss_coef",
+              "moe_z_loss_coef"):
+        if getattr(m, k) is not None:
+            out[k] = getattr(m, k)
+    if m.moe_dropless:
+        out["moe_dropless"] = True
+    if m.share_layers != "none":
+        out["share_layers"] = m.share_layers
+    return out
 
 
 SHAPE_KEYS = ("vocab_size", "n_ctx", "n_layer", "n_head", "n_embd")
