@@ -312,6 +312,9 @@ class TextStream:
     `.stop_reason` says why it ended and `.tokens` holds the prompt and generated ids.
     """
 
+    # the token-level stream it reads (gpt2kit.speculative swaps in its SpeculativeStream)
+    token_stream_class = TokenStream
+
     def __init__(self, model, tokenizer, prompt, max_new_tokens: int, stop=None, eos: bool = True, **kwargs):
         if isinstance(stop, str):
             stop = [stop]
@@ -319,7 +322,7 @@ class TextStream:
         ids = tokenizer.encode(prompt, allowed_special="all") if isinstance(prompt, str) else list(prompt)
         eos_id = tokenizer.eos_id if eos else None
         self.eos_id = eos_id
-        self.tokens_stream = stream(
+        self.tokens_stream = self.token_stream_class(
             model, [ids], max_new_tokens, stop=self.stops or None, eos_id=eos_id, tokenizer=tokenizer, **kwargs
         )
         self._decoder = tokenizer.stream_decoder()

@@ -3,6 +3,7 @@
   gpt2kit generate CKPT --prompt "Once upon a time" --max-new-tokens 100
   gpt2kit generate CKPT --prompt-file prompt.txt --num-samples 3 --temperature 0.8 --top-k 200 --seed 1
   gpt2kit generate CKPT --prompt "Q: 2+2?\\nA:" --temperature 0 --stop "\\n"
+  gpt2kit generate CKPT --draft DRAFT --draft-tokens 4 --prompt "To be" --temperature 0   (speculative)
   gpt2kit generate CKPT -i          (interactive: read a prompt per line, stream the answer, repeat)
 
 CKPT is a gpt2kit checkpoint directory or a local Hugging Face GPT-2 directory (config.json, weights,
@@ -45,6 +46,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--slide", action="store_true",
                    help="keep generating past the context on a sliding window (default: stop there)")
 
+    g = p.add_argument_group("speculative decoding (docs/generate.md)")
+    g.add_argument("--draft", metavar="DRAFT_DIR", default=None,
+                   help="a small model with the same tokenizer proposes tokens the model checks in one step; "
+                        "the output distribution is the model's own")
+    g.add_argument("--draft-tokens", type=int, default=4, metavar="K", help="tokens the draft proposes per step (default 4)")
+    g.add_argument("--draft-adaptive", action="store_true",
+                   help="grow K after a fully accepted step, shrink it after an early rejection")
+
     g = p.add_argument_group("run")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available, else cpu)")
     g.add_argument("--dtype", choices=["fp32", "bf16", "float32", "bfloat16"], default="fp32",
@@ -81,6 +90,13 @@ def _check_args(args) -> None:
         raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     if args.stop is not None and not all(args.stop):
         raise UserError("--stop strings must not be empty")
+    if args.draft is not None:
+        if not 1 <= args.draft_tokens <= 16:
+            raise UserError(f"--draft-tokens must be in [1, 16], got {args.draft_tokens}")
+        if args.repetition_penalty not in (None, 1.0):
+            raise UserError("--repetition-penalty cannot be combined with --draft")
+        if args.slide or args.compile:
+            raise UserError("--slide and --compile cannot be combined with --draft")
 
 
 class _Out:
@@ -134,6 +150,22 @@ def _load(args):
     return model, tokenizer
 
 
+def _load_draft(args, model, tokenizer):
+    """The --draft model, on the model's device and dtype; UserError unless it shares the tokenizer."""
+    from ..errors import UserError, require_dir
+    from ..model import GPT2
+    from ..tokenizer import Tokenizer
+
+    path = require_dir(args.draft, "--draft")
+    if Tokenizer.from_pretrained(path).fingerprint != tokenizer.fingerprint:
+        raise UserError(f"--draft {path}: its tokenizer differs from the model's; draft and model must share it")
+    draft = GPT2.from_pretrained(path, device=model.device, dtype=model.dtype).eval()
+    from ..speculative import check_draft
+
+    check_draft(model, draft)
+    return draft
+
+
 def run(args) -> int:
     _check_args(args)
     import torch
@@ -143,6 +175,7 @@ def run(args) -> int:
 
     prompt = _read_prompt_file(args.prompt_file) if args.prompt_file else (args.prompt or "")
     model, tokenizer = _load(args)
+    draft = _load_draft(args, model, tokenizer) if args.draft else None
     forward_model = model
     if args.compile:
         forward_model = torch.compile(model, dynamic=True)  # forwards .config/.device/.dtype to model
@@ -150,12 +183,19 @@ def run(args) -> int:
     generator = torch.Generator(device=model.device).manual_seed(args.seed) if args.seed is not None else None
     out = _Out()
 
+    stream_class, extra = TextStream, {}
+    if draft is not None:
+        from ..speculative import SpeculativeTextStream
+
+        stream_class = SpeculativeTextStream
+        extra = {"draft": draft, "draft_tokens": args.draft_tokens, "adaptive": args.draft_adaptive}
+
     def one(prompt_text: str, echo: bool) -> None:
-        text = TextStream(
+        text = stream_class(
             forward_model, tokenizer, prompt_text, args.max_new_tokens, stop=stops, eos=not args.ignore_eos,
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
             repetition_penalty=args.repetition_penalty, seed=generator, truncate=args.truncate,
-            on_overflow="slide" if args.slide else "stop", fast=not args.compile and "auto",
+            on_overflow="slide" if args.slide else "stop", fast=not args.compile and "auto", **extra,
         )  # built before anything is printed: a prompt that does not fit fails with nothing written
         if echo:
             out.write(prompt_text)
