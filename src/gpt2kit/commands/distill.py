@@ -31,9 +31,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..hub import resolve_checkpoint
     from ..post.common import print_report, read_eval_text, train_overrides
     from ..post.distill import distill
 
+    args.teacher = str(resolve_checkpoint(args.teacher, "--teacher"))  # a hub id works too
     text = read_eval_text(args.eval_text)
     result = distill(args.teacher, args.student, args.data, args.out, alpha=args.alpha, tau=args.temperature,
                      overrides=train_overrides(args), overwrite=args.overwrite)

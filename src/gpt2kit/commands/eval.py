@@ -18,7 +18,7 @@ TASK_NAMES = ["lambada", "winograd", "choice", "classify", "summarize"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", metavar="DIR", help="checkpoint directory (gpt2kit or Hugging Face GPT-2)")
+    p.add_argument("checkpoint", metavar="DIR", help="checkpoint directory (gpt2kit or Hugging Face GPT-2) or a hub id (gpt2, owner/repo@rev)")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--text", metavar="FILE", help="plain UTF-8 text file to measure perplexity on")
     what.add_argument("--task", choices=TASK_NAMES, help="a task; its examples come from --file")

@@ -33,9 +33,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..hub import resolve_checkpoint
     from ..post.common import print_report, read_eval_text, train_overrides
     from ..post.finetune import finetune_jsonl, finetune_shards
 
+    args.init = str(resolve_checkpoint(args.init, "--init"))  # a hub id works too
     overrides = train_overrides(args)
     text = read_eval_text(args.eval_text)
     if args.data:

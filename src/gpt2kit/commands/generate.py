@@ -19,7 +19,7 @@ import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", metavar="DIR", help="checkpoint directory (gpt2kit or Hugging Face GPT-2)")
+    p.add_argument("checkpoint", metavar="DIR", help="checkpoint directory (gpt2kit or Hugging Face GPT-2) or a hub id (gpt2, owner/repo@rev)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", metavar="TEXT", help="the prompt (default: empty, start a new document)")
     src.add_argument("--prompt-file", metavar="F", help="read the prompt from a UTF-8 text file")
@@ -132,10 +132,11 @@ def _load(args):
     import torch
 
     from ..errors import UserError, require_dir
+    from ..hub import resolve_checkpoint
     from ..model import GPT2, check_tokenizer_fits
     from ..tokenizer import Tokenizer
 
-    ckpt = require_dir(args.checkpoint, "checkpoint directory")
+    ckpt = require_dir(resolve_checkpoint(args.checkpoint), "checkpoint directory")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(device)
@@ -153,10 +154,11 @@ def _load(args):
 def _load_draft(args, model, tokenizer):
     """The --draft model, on the model's device and dtype; UserError unless it shares the tokenizer."""
     from ..errors import UserError, require_dir
+    from ..hub import resolve_checkpoint
     from ..model import GPT2
     from ..tokenizer import Tokenizer
 
-    path = require_dir(args.draft, "--draft")
+    path = require_dir(resolve_checkpoint(args.draft, "--draft"), "--draft")
     if Tokenizer.from_pretrained(path).fingerprint != tokenizer.fingerprint:
         raise UserError(f"--draft {path}: its tokenizer differs from the model's; draft and model must share it")
     draft = GPT2.from_pretrained(path, device=model.device, dtype=model.dtype).eval()

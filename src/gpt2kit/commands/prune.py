@@ -32,11 +32,13 @@ def run(args: argparse.Namespace) -> int:
     check_sparsity(args.sparsity)  # before any heavy import or file work
     import torch
 
+    from ..hub import resolve_checkpoint
     from ..post.common import print_report, read_eval_text
     from ..post.prune import prune_checkpoint
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.checkpoint = str(resolve_checkpoint(args.checkpoint))  # a hub id works too
     report = prune_checkpoint(args.checkpoint, args.out, args.sparsity, args.scope,
                               eval_text=read_eval_text(args.eval_text), eval_tokens=args.eval_tokens,
                               overwrite=args.overwrite)

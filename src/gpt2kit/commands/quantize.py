@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..errors import UserError
+    from ..hub import resolve_checkpoint
     from ..post.common import print_report, read_eval_text
     from ..post.quantize import QuantSpec, quantize_checkpoint
 
@@ -44,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     if args.speed_tokens < 0:
         raise UserError(f"--speed-tokens must be >= 0, got {args.speed_tokens}")
     spec = QuantSpec.default(args.bits, args.group_size, args.symmetric, not args.keep_embeddings)
+    args.checkpoint = str(resolve_checkpoint(args.checkpoint))  # a hub id works too
     report = quantize_checkpoint(
         args.checkpoint, args.out, spec, eval_text=read_eval_text(args.eval_text), eval_tokens=args.eval_tokens,
         speed_tokens=args.speed_tokens, overwrite=args.overwrite,

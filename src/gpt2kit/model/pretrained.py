@@ -20,10 +20,12 @@ class GPT2(GPT2Network):
 
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None) -> GPT2:
-        """Load a gpt2kit checkpoint directory (float or quantized) or a local Hugging Face GPT-2 directory."""
+        """Load a gpt2kit checkpoint directory (float or quantized), a local Hugging Face GPT-2 directory, or
+        a hub id (`gpt2`, `owner/repo@revision`; see gpt2kit.hub)."""
         from ..errors import require_dir
+        from ..hub import resolve_checkpoint
 
-        path = require_dir(path, "model directory")
+        path = require_dir(resolve_checkpoint(path, "model directory"), "model directory")
         if is_quantized_checkpoint(path):
             return load_quantized(path, device=device, dtype=dtype, model_class=cls)
         return load_pretrained(path, device=device, dtype=dtype, model_class=cls)

@@ -86,14 +86,15 @@ class Tokenizer:
     ) -> Tokenizer:
         """Load from a directory holding `encoder.json`+`vocab.bpe` (OpenAI), `vocab.json`+`merges.txt`
         (Hugging Face / gpt2kit checkpoint; its `gpt2kit.json` supplies the saved pre-processing), or a
-        tiktoken rank file `*.tiktoken` (with `<|endoftext|>` after the last rank)."""
+        tiktoken rank file `*.tiktoken` (with `<|endoftext|>` after the last rank), or a hub id (gpt2kit.hub)."""
         from ..errors import require_dir
         from ..fileio import read_json
+        from ..hub import resolve_checkpoint
         from .io import read_vocab_and_merges
 
         if Path(path).suffix == ".tiktoken" and Path(path).is_file():
             return cls.from_tiktoken_file(path, engine=engine)
-        d = require_dir(path, "tokenizer directory")
+        d = require_dir(resolve_checkpoint(path, "tokenizer directory"), "tokenizer directory")
         if (d / "vocab.json").exists() and (d / "merges.txt").exists():
             ranks, merges, special = read_vocab_and_merges(d / "vocab.json", d / "merges.txt")
         elif (d / "encoder.json").exists() and (d / "vocab.bpe").exists():
