@@ -3,6 +3,7 @@
     python benchmarks/generate.py                       # gpt2 preset, fp32, batch 1, 32 + 200 tokens
     python benchmarks/generate.py --batch 8 --rounds 3
     python benchmarks/generate.py --variants ours,hf,ours_torch,ours_bf16,hf_bf16,ours_compile
+    python benchmarks/generate.py --peers llama.cpp --llama-cpp DIR   # see generate_llama_cpp.py
 
 Random weights (speed does not depend on their values), greedy decoding so every contender produces
 the same ids (checked: `ids_equal`), no early stop. Each round times every variant once, in turn, so
@@ -36,11 +37,24 @@ def parse_args():
     p.add_argument("--variants", default="ours,hf,ours_torch",
                    help="comma list of: ours (default path), ours_torch (model.forward every step), ours_bf16, "
                         "ours_compile (torch.compile'd model.forward), hf, hf_bf16")
+    p.add_argument("--peers", choices=["transformers", "llama.cpp"], default="transformers",
+                   help="llama.cpp: float32/int8/int4 against llama.cpp f32/q8_0/q4_0 (generate_llama_cpp.py)")
+    p.add_argument("--llama-cpp", metavar="DIR", default=None,
+                   help="llama.cpp directory (llama-bench, llama-quantize, convert_hf_to_gguf.py)")
     return p.parse_args()
 
 
 def main() -> None:
     args = parse_args()
+    if args.peers == "llama.cpp":
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import generate_llama_cpp
+
+        report = generate_llama_cpp.run(args)
+        report.update(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                      machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus")
+        print(json.dumps(report, indent=1))
+        return
     import torch
 
     torch.set_num_threads(args.threads)
