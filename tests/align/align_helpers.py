@@ -1,0 +1,21 @@
+"""Tiny checkpoints for the alignment tests (a 300-token tokenizer, a 2-layer model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CORPUS = ["the cat sat on the mat. the dog ate the bone. a red apple, a blue sky, yes and no."] * 8
+
+
+def tiny_checkpoint(path: Path, seed: int = 0, vocab: int = 300, n_embd: int = 32) -> Path:
+    import torch
+
+    from gpt2kit.model import GPT2, GPT2Config
+    from gpt2kit.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(CORPUS, vocab_size=vocab)
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=tok.vocab_size, n_ctx=64, n_layer=2, n_head=2, n_embd=n_embd, dropout=0.0,
+                     attn_dropout=0.0, eos_token_id=tok.eos_id)
+    GPT2(cfg).save_pretrained(path, tokenizer=tok)
+    return path
