@@ -122,6 +122,8 @@ class FastDecoder:
 
         if not 1 <= batch_size <= MAX_BATCH:
             return False
+        if not getattr(getattr(model, "config", None), "is_gpt2", False):
+            return False  # a variant (MoE, shared layers, attention patterns): the model's own forward
         try:
             t = model.transformer
             wte, head = t.wte, model.lm_head

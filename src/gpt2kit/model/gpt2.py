@@ -25,6 +25,7 @@ from .config import GPT2Config
 from .kv_cache import KVCache
 from .linear import gelu_linear, linear
 from .loss import linear_cross_entropy
+from .moe import MoEMLP, moe_layers, pop_aux_loss
 
 
 @dataclass
@@ -32,6 +33,9 @@ class GPT2Output:
     logits: torch.Tensor | None  # [B, T, V] ([B, 1, V] with last_only); None when only the loss was asked
     loss: torch.Tensor | None  # scalar mean NLL over the counted targets; None without targets
     kv_cache: KVCache | None
+    # MoE load-balancing + router z-loss of this forward (already scaled by their coefficients); the
+    # trainer adds it to the loss it differentiates. None for a model without MoE layers.
+    aux_loss: torch.Tensor | None = None
 
 
 # SDPA kernels for KV-cache steps on CUDA: every backend but cuDNN's, which builds (and caches) an execution
@@ -92,12 +96,13 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, config: GPT2Config):
+    def __init__(self, config: GPT2Config, index: int = 0):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.mlp = MLP(config)
+        is_moe = config.moe_experts > 0 and (index + 1) % config.moe_every == 0
+        self.mlp = MoEMLP(config, lambda: MLP(config)) if is_moe else MLP(config)
 
     def forward(self, x, attn_mask=None, is_causal=True, kv_cache=None, layer=0, last_only=False):
         """last_only: only the last position's output (the model's last block, when only the last
@@ -120,7 +125,7 @@ class GPT2Network(nn.Module):
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
                 wpe=nn.Embedding(config.n_ctx, config.n_embd),
                 drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                h=nn.ModuleList([Block(config, i) for i in range(unique_blocks(config))]),
                 ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
             )
         )
@@ -132,6 +137,10 @@ class GPT2Network(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        for moe in moe_layers(self):
+            moe.reset_router(std=0.02)
+        # the block applied at each depth (KV-cache layer): shared layers repeat blocks
+        self.block_schedule = block_schedule(config)
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -149,7 +158,7 @@ class GPT2Network(nn.Module):
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count (the tied head counted once). non_embedding=True leaves out the token and
         position embeddings (the N of Kaplan et al. 2020)."""
-        n = sum(p.numel() for p in self.parameters())
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields a shared (or tied) tensor once
         if non_embedding:
             n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
         return n
@@ -159,6 +168,10 @@ class GPT2Network(nn.Module):
 
     def gradient_checkpointing_disable(self) -> None:
         self.gradient_checkpointing = False
+
+    @property
+    def has_moe(self) -> bool:
+        return self.config.moe_experts > 0
 
     # read off the final LayerNorm: always a plain float tensor (a quantized embedding would dequantize)
     @property
@@ -215,9 +228,11 @@ class GPT2Network(nn.Module):
 
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(position_ids))
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        last = len(self.transformer.h) - 1
+        last = len(self.block_schedule) - 1
+        blocks = self.transformer.h
         with _attention_backends(idx.device, kv_cache):
-            for layer, block in enumerate(self.transformer.h):
+            for layer, b in enumerate(self.block_schedule):
+                block = blocks[b]
                 if checkpointing and kv_cache is None:
                     x = checkpoint(block, x, attn_mask, is_causal, use_reentrant=False)
                 else:
@@ -226,6 +241,7 @@ class GPT2Network(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(T)
         x = self.transformer.ln_f(x)
+        aux_loss = pop_aux_loss(self) if self.has_moe else None
 
         if last_only:
             x = x[:, -1:, :]
@@ -233,7 +249,7 @@ class GPT2Network(nn.Module):
                 targets = targets[:, -1:]
                 loss_mask = loss_mask[:, -1:] if loss_mask is not None else None
         if targets is None:
-            return GPT2Output(self.lm_head(x), None, kv_cache)
+            return GPT2Output(self.lm_head(x), None, kv_cache, aux_loss)
 
         if targets.shape != x.shape[:2]:
             raise UserError(f"targets must have shape {list(x.shape[:2])}, got {list(targets.shape)}")
@@ -247,9 +263,9 @@ class GPT2Network(nn.Module):
             nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
                                   reduction="sum")
             loss = nll / (targets != -100).sum().clamp(min=1)
-            return GPT2Output(logits, loss, kv_cache)
+            return GPT2Output(logits, loss, kv_cache, aux_loss)
         loss = linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
-        return GPT2Output(None, loss, kv_cache)
+        return GPT2Output(None, loss, kv_cache, aux_loss)
 
     def _check_ids(self, idx: torch.Tensor) -> None:
         # an out-of-range id would be an opaque IndexError deep in nn.Embedding; check where it is free
@@ -290,3 +306,13 @@ class GPT2Network(nn.Module):
             # empty (an all-masked row would give NaN; its output is never used)
             mask = (mask & attention_mask[:, None, None, :]) | (k_pos == q_pos)  # [B, 1, T, P + T]
         return mask, False
+
+
+def unique_blocks(config: GPT2Config) -> int:
+    """Blocks with their own weights: n_layer ("none"), n_layer / 2 ("pairs"), 1 ("all")."""
+    return {"none": config.n_layer, "pairs": config.n_layer // 2, "all": 1}[config.share_layers]
+
+
+def block_schedule(config: GPT2Config) -> tuple[int, ...]:
+    """The unique block applied at each of the n_layer depths ("pairs": each block twice in a row)."""
+    return tuple({"none": d, "pairs": d // 2, "all": 0}[config.share_layers] for d in range(config.n_layer))

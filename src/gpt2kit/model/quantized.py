@@ -24,6 +24,8 @@ a quantized model instead of silently dequantizing it.
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -335,6 +337,8 @@ class QuantEmbedding(nn.Module):
 
 
 LINEAR_SUFFIXES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+# MoE experts (model/moe.py) are GPT-2 MLPs too: `...mlp.experts.{e}.c_fc`; the small router stays float
+EXPERT_LINEAR = re.compile(r"\.mlp\.experts\.\d+\.c_(fc|proj)$")
 EMBEDDINGS = ("transformer.wte", "transformer.wpe")
 HEAD = "lm_head"
 
@@ -342,7 +346,8 @@ HEAD = "lm_head"
 def quantizable_modules(model: nn.Module, embeddings: bool = True) -> list[str]:
     """Names of the modules quantization replaces: the four projections of every block and, with
     embeddings=True, the token and position embeddings (the tied head follows the token embedding)."""
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.endswith(LINEAR_SUFFIXES)]
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, nn.Linear) and (n.endswith(LINEAR_SUFFIXES) or EXPERT_LINEAR.search(n))]
     if embeddings:
         names += list(EMBEDDINGS)
     return names

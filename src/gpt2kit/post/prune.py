@@ -22,13 +22,15 @@ from typing import Any
 import torch
 
 from ..errors import UserError
+from ..model.quantized import EXPERT_LINEAR
 
 MASKS_FILE = "masks.safetensors"
 PRUNED_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 def prunable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if n.endswith(PRUNED_SUFFIXES)}
+    return {n: p for n, p in model.named_parameters()
+            if n.endswith(PRUNED_SUFFIXES) or (n.endswith(".weight") and EXPERT_LINEAR.search(n[: -len(".weight")]))}
 
 
 def check_sparsity(sparsity: float) -> float:

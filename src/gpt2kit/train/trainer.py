@@ -29,6 +29,7 @@ import torch
 
 from ..errors import UserError
 from ..fileio import atomic_write_text
+from ..model.moe import read_moe_metrics
 from ..runtime import retain_freed_memory
 from . import checkpoint as ckpt
 from . import distributed as dist_api
@@ -72,6 +73,20 @@ class StopRequest:
 # ----- metrics -------------------------------------------------------------------------------------------
 
 
+# metrics.jsonl keys -> the TensorBoard tags people look for; val_* -> val/*, other keys -> train/<key>
+_TB_TAGS = {"tokens_per_s": "train/tokens_per_sec"}
+
+
+def tensorboard_tag(key: str) -> str:
+    if "/" in key:
+        return key
+    if key in _TB_TAGS:
+        return _TB_TAGS[key]
+    if key.startswith("val_"):
+        return "val/" + key[4:]
+    return "train/" + key
+
+
 class MetricsLog:
     """metrics.jsonl (one JSON object per line, flushed) and, when asked and installed, TensorBoard."""
 
@@ -106,7 +121,7 @@ class MetricsLog:
         if self.tb is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, int | float):
-                    self.tb.add_scalar(k, v, row["step"])
+                    self.tb.add_scalar(tensorboard_tag(k), v, row["step"])
 
     def close(self) -> None:
         if self.enabled:
@@ -163,6 +178,8 @@ def forward_backward(
                 out = model(b.idx, targets=b.targets, loss_mask=b.loss_mask)
             weight = world * n / max(total, 1)
             loss = out.loss.float() * weight
+            if getattr(out, "aux_loss", None) is not None:  # MoE: each micro-batch's aux loss, averaged
+                loss = loss + out.aux_loss.float() / len(micro_batches)  # ranks averaged by DDP
             (scale(loss) if scale is not None else loss).backward()
         loss_sum += out.loss.detach().float().cpu() * n
         tokens += b.idx.numel()
@@ -707,6 +724,7 @@ class Trainer:
                         }
                         if env.world_size > 1:
                             row["loss"] = dist_api.all_reduce_mean(row["loss"], env)
+                        row.update(read_moe_metrics(self.bare))  # per-expert load, dropped share (this rank)
                         self.metrics.write(row)
                         history.append(row)
                         bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{tps:,.0f}")
