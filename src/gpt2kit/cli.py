@@ -25,6 +25,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("distill", "distill", "distil a teacher checkpoint into a smaller student"),
     ("quantize", "quantize", "quantise a checkpoint to int8/int4"),
     ("prune", "prune", "magnitude-prune a checkpoint"),
+    ("export", "export", "export a checkpoint to GGUF (llama.cpp) or ONNX (onnxruntime)"),
     ("serve", "serve", "serve a checkpoint over an OpenAI-compatible HTTP API (continuous batching)"),
 ]
 
