@@ -88,3 +88,13 @@ def test_assistant_spans_cover_the_rendering_and_mark_replies():
     spans = assistant_spans(convo)
     assert "".join(t for t, _ in spans) == apply_chat_template(convo, add_generation_prompt=False)
     assert [t for t, a in spans if a] == ["hi\nbye<|im_end|>\n", "ok<|im_end|>\n"]
+
+
+def test_resaving_the_tokenizer_keeps_the_template(tmp_path):
+    from gpt2kit.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(["a tiny corpus"] * 4, vocab_size=270)
+    tok.save(tmp_path)
+    save_chat_template(tmp_path, FANCY)
+    tok.save(tmp_path)
+    assert load_chat_template(tmp_path) == FANCY

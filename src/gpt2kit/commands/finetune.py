@@ -26,6 +26,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--jsonl", metavar="FILE", help="prompt/completion records, one JSON object per line")
     p.add_argument("--out", required=True, metavar="DIR", help="run directory to write")
     p.add_argument("--overwrite", action="store_true", help="start over in an --out that is not empty")
+    p.add_argument("--chat", action="store_true",
+                   help='JSONL: chat records {"messages": [...]} or Alpaca instruction/input/output; loss on the '
+                        "assistant turns, the chat template saved in the checkpoint (see docs/align.md)")
+    p.add_argument("--chat-tokens", action="store_true",
+                   help="with --chat: add <|im_start|> and <|im_end|> as special tokens (embedding grown, head tied)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="JSONL: share of records held out (default 0.1)")
     p.add_argument("--eval-text", metavar="FILE", help="report perplexity on this text before and after")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -41,6 +46,10 @@ def run(args: argparse.Namespace) -> int:
     overrides = train_overrides(args)
     text = read_eval_text(args.eval_text)
     if args.data:
+        if args.chat or args.chat_tokens:
+            from ..errors import UserError
+
+            raise UserError("--chat applies to --jsonl records, not to token shards")
         if args.val_fraction != 0.1:
             from ..errors import UserError
 
@@ -48,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         result = finetune_shards(args.init, args.data, args.out, overrides, eval_text=text, overwrite=args.overwrite)
     else:
         result = finetune_jsonl(args.init, args.jsonl, args.out, overrides, val_fraction=args.val_fraction,
-                                eval_text=text, overwrite=args.overwrite)
+                                eval_text=text, overwrite=args.overwrite, chat=args.chat,
+                                chat_tokens=args.chat_tokens)
     print_report(result.report(), args.json)
     return 0

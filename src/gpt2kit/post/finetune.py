@@ -180,13 +180,16 @@ def completion_batch(rows: list[tuple[list[int], int]], pad_id: int):
     idx = torch.full((len(rows), T), pad_id, dtype=torch.long)
     targets = torch.full((len(rows), T), -100, dtype=torch.long)
     mask = torch.zeros((len(rows), T), dtype=torch.bool)
-    for i, (ids, n_prompt) in enumerate(rows):
+    for i, (ids, learn) in enumerate(rows):
         t = torch.tensor(ids, dtype=torch.long)
         n = len(ids) - 1
         idx[i, :n] = t[:-1]
         targets[i, :n] = t[1:]
-        # target j predicts ids[j + 1]; it belongs to the completion when j + 1 >= n_prompt
-        mask[i, max(n_prompt - 1, 0) : n] = True
+        if isinstance(learn, int):
+            # target j predicts ids[j + 1]; it belongs to the completion when j + 1 >= n_prompt (= learn)
+            mask[i, max(learn - 1, 0) : n] = True
+        else:  # chat rows (align.sft.chat_rows): a learn flag per token
+            mask[i, :n] = torch.tensor(learn[1:], dtype=torch.bool)
     return Batch(idx, targets, mask)
 
 
@@ -207,9 +210,10 @@ def completion_loss(model, rows, pad_id: int, batch_size: int = 16) -> float:
 
 def finetune_jsonl(init: str | Path, jsonl: str | Path, out: str | Path, overrides: dict[str, Any] | None = None,
                    val_fraction: float = 0.1, eval_text: str | None = None, overwrite: bool = False,
-                   log=_log) -> FinetuneResult:
+                   log=_log, chat: bool = False, chat_tokens: bool = False) -> FinetuneResult:
     """Instruction-tune `init` on prompt/completion records; writes OUT/final (a checkpoint) and
-    OUT/metrics.jsonl."""
+    OUT/metrics.jsonl. chat=True: chat/Alpaca records (gpt2kit.align.sft), loss on the assistant turns,
+    the chat template saved into the checkpoint; chat_tokens adds <|im_start|>/<|im_end|> as tokens."""
     from ..fileio import atomic_dir, atomic_write_text
     from ..model import GPT2
     from ..train.optim import lr_at, param_groups, set_lr
@@ -227,16 +231,29 @@ def finetune_jsonl(init: str | Path, jsonl: str | Path, out: str | Path, overrid
         torch.set_num_threads(o["threads"])
     block = min(int(o["block_size"]), config.n_ctx)
 
-    records = read_jsonl(jsonl)
+    template = None
+    if chat:
+        from ..align.sft import chat_rows, chat_setup, read_chat_jsonl
+
+        template, tokenizer = chat_setup(init, tokenizer, chat_tokens)
+        records = read_chat_jsonl(jsonl, template)
+    elif chat_tokens:
+        raise UserError("--chat-tokens goes with --chat")
+    else:
+        records = read_jsonl(jsonl)
     random.Random(o["seed"]).shuffle(records)
     n_val = int(round(len(records) * val_fraction))
-    rows = completion_rows(records, tokenizer, block)
+    rows = chat_rows(records, tokenizer, block) if chat else completion_rows(records, tokenizer, block)
     val_rows, train_rows = rows[:n_val], rows[n_val:]
     if not train_rows:
         raise UserError(f"{jsonl}: no training records left after holding out {n_val} for validation")
 
     torch.manual_seed(o["seed"])
     model = GPT2.from_pretrained(init, dtype=torch.float32)
+    if chat:
+        from ..align.sft import grow_embedding
+
+        grow_embedding(model, tokenizer.vocab_size)
     if masks:
         check_masks_fit(model, masks, str(init))
         apply_masks(model, masks)
@@ -280,8 +297,12 @@ def finetune_jsonl(init: str | Path, jsonl: str | Path, out: str | Path, overrid
         final.mkdir()
         copy_model_files(init, final)
         extra = {"finetune": {"init": str(init), "jsonl": str(jsonl), "steps": int(o["max_steps"]),
-                              "lr": o["lr"], "loss": "completion only"}}
-        model.save_pretrained(final, extra=extra)
+                              "lr": o["lr"], "loss": "assistant turns only" if chat else "completion only"}}
+        model.save_pretrained(final, tokenizer=tokenizer if chat else None, extra=extra)
+        if template is not None:
+            from ..align.chat import save_chat_template
+
+            save_chat_template(final, template)
         if masks:
             save_masks(masks, final)
         atomic_write_text(tmp / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))

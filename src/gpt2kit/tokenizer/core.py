@@ -40,6 +40,16 @@ def _default_threads() -> int:
     return max(1, min(2, os.cpu_count() or 1))
 
 
+def _kept_chat_template(path: Path) -> dict:
+    """{"chat_template": ...} of an existing tokenizer_config.json: re-saving a tokenizer into a chat
+    checkpoint keeps its template (gpt2kit.align.chat)."""
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {"chat_template": old["chat_template"]} if isinstance(old, dict) and "chat_template" in old else {}
+
+
 class Tokenizer:
     def __init__(
         self,
@@ -456,6 +466,7 @@ class Tokenizer:
             },
             **specials_map,
         }
+        config.update(_kept_chat_template(d / "tokenizer_config.json"))
         atomic_write_json(d / "tokenizer_config.json", config)
         update_json(d / "gpt2kit.json", {"tokenizer": self.settings()})
         return d
