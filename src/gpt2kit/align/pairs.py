@@ -98,9 +98,13 @@ def pad_batch(rows: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Ten
     return idx, mask
 
 
+def token_logps(model, idx: torch.Tensor) -> torch.Tensor:
+    """log p(idx[:, t + 1] | idx[:, :t + 1]) for every position, [B, T - 1]."""
+    logits = model(idx).logits[:, :-1].float()
+    return torch.gather(logits.log_softmax(-1), 2, idx[:, 1:].unsqueeze(-1)).squeeze(-1)
+
+
 def completion_logps(model, idx: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
     """Sum over completion tokens of log p(token | tokens before it), one value per row [B]."""
-    logits = model(idx).logits[:, :-1].float()
-    targets = idx[:, 1:]
-    per_token = torch.gather(logits.log_softmax(-1), 2, targets.unsqueeze(-1)).squeeze(-1)
+    per_token = token_logps(model, idx)
     return (per_token * completion_mask[:, 1:].to(per_token.dtype)).sum(-1)
