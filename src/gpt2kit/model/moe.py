@@ -155,9 +155,10 @@ class MoEMLP(nn.Module):
 
     def run_experts(self, xs: torch.Tensor, counts: list[int], experts) -> torch.Tensor:
         """Each expert of `experts` on its contiguous slice of `xs` ([M, C], grouped as `counts`)."""
+        # an expert without tokens still runs (on 0 rows): its gradient is then 0, not None, so data
+        # parallelism sees the same parameters used on every rank
         chunks = xs.split(counts)
-        outs = [self.experts[e](chunk) for e, chunk in zip(experts, chunks) if chunk.shape[0]]
-        return torch.cat(outs) if outs else xs.new_zeros((0, xs.shape[1]))
+        return torch.cat([self.experts[e](chunk) for e, chunk in zip(experts, chunks)])
 
 
 def moe_layers(model: nn.Module) -> list[MoEMLP]:

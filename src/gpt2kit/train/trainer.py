@@ -427,6 +427,11 @@ class Trainer:
         self.bare = model
         model.gradient_checkpointing = cfg.model.grad_checkpointing
         model.train()
+        if r.expert_parallel:
+            from .expert_parallel import enable_expert_parallel
+
+            enable_expert_parallel(model, self.env.rank, self.env.world_size,
+                                   r.strategy if self.env.world_size > 1 else "ddp")
         self.model = dist_api.wrap_model(
             model, r.strategy if self.env.world_size > 1 else "none", self.env,
             reshard_after_forward=r.reshard_after_forward,
