@@ -71,7 +71,8 @@ class OnnxDecoder(nn.Module):
             mlp = block.mlp
             h = F.gelu(F.linear(block.ln_2(x), mlp.c_fc.weight, mlp.c_fc.bias), approximate="tanh")
             x = x + F.linear(h, mlp.c_proj.weight, mlp.c_proj.bias)
-        logits = F.linear(tr.ln_f(x), self.model.lm_head.weight)
+        # 2-D input: exported as one Gemm(transB=1) reading the tied embedding itself
+        logits = F.linear(tr.ln_f(x).reshape(b * t, -1), self.model.lm_head.weight).reshape(b, t, -1)
         return (logits, *presents)
 
 
@@ -97,10 +98,12 @@ def export_onnx(model, out: str | Path, tokenizer=None, overwrite: bool = False)
     for name in output_names(n)[1:]:
         axes[name] = {0: "batch", 2: "total"}
     with atomic_dir(out, overwrite=overwrite) as tmp:
+        # no constant folding: it would store a transposed copy of the tied embedding for the head; onnxruntime
+        # folds the transposes in memory when it loads the graph
         with torch.no_grad():
             torch.onnx.export(decoder, args, str(tmp / MODEL_FILE), input_names=input_names(n),
                               output_names=output_names(n), dynamic_axes=axes, opset_version=OPSET,
-                              dynamo=False, do_constant_folding=True)
+                              dynamo=False, do_constant_folding=False)
         atomic_write_json(tmp / "config.json", config.to_hf_dict())
         if tokenizer is not None:
             tokenizer.save(tmp)
