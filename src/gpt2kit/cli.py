@@ -25,6 +25,9 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("distill", "distill", "distil a teacher checkpoint into a smaller student"),
     ("quantize", "quantize", "quantise a checkpoint to int8/int4"),
     ("prune", "prune", "magnitude-prune a checkpoint"),
+    ("reward", "reward", "train a reward model on preference pairs, or score with one"),
+    ("dpo", "dpo", "align a checkpoint to preference pairs with DPO"),
+    ("rlhf", "rlhf", "RLHF (RLOO) of a checkpoint against a reward model or function"),
     ("export", "export", "export a checkpoint to GGUF (llama.cpp) or ONNX (onnxruntime)"),
     ("serve", "serve", "serve a checkpoint over an OpenAI-compatible HTTP API (continuous batching)"),
 ]

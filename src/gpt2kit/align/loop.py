@@ -15,10 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-
-ALIGN_DEFAULTS: dict[str, Any] = {"lr": 5e-5, "warmup_steps": 10, "max_steps": 100, "batch_size": 8,
-                                  "block_size": 256, "schedule": "cosine", "min_lr": 0.0, "weight_decay": 0.0,
-                                  "grad_clip": 1.0, "seed": 1337, "threads": 0}
+from .defaults import ALIGN_DEFAULTS
 
 
 def log_stderr(msg: str) -> None:

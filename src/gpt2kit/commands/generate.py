@@ -61,6 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
     g.add_argument("--tokenizer", metavar="DIR", default=None, help="tokenizer directory (default: DIR itself)")
     g.add_argument("--no-prompt", action="store_true", help="print only the continuation, not the prompt")
+    g.add_argument("--chat", action="store_true",
+                   help="the prompt is a user message, rendered with the checkpoint's chat template (ChatML if it "
+                        "has none); prints the reply only, which ends at <|im_end|> (docs/align.md)")
 
 
 def _unescape(s: str) -> str:
@@ -182,6 +185,13 @@ def run(args) -> int:
     if args.compile:
         forward_model = torch.compile(model, dynamic=True)  # forwards .config/.device/.dtype to model
     stops = [_unescape(s) for s in args.stop] if args.stop else None
+    chat_template = None
+    if args.chat:
+        from ..align.chat import CHAT_STOP_STRINGS, DEFAULT_CHAT_TEMPLATE, load_chat_template
+        from ..hub import resolve_checkpoint
+
+        chat_template = load_chat_template(resolve_checkpoint(args.checkpoint, "checkpoint")) or DEFAULT_CHAT_TEMPLATE
+        stops = (stops or []) + list(CHAT_STOP_STRINGS)
     generator = torch.Generator(device=model.device).manual_seed(args.seed) if args.seed is not None else None
     out = _Out()
 
@@ -193,6 +203,10 @@ def run(args) -> int:
         extra = {"draft": draft, "draft_tokens": args.draft_tokens, "adaptive": args.draft_adaptive}
 
     def one(prompt_text: str, echo: bool) -> None:
+        if chat_template is not None:
+            from ..align.chat import apply_chat_template
+
+            prompt_text, echo = apply_chat_template([{"role": "user", "content": prompt_text}], chat_template), False
         text = stream_class(
             forward_model, tokenizer, prompt_text, args.max_new_tokens, stop=stops, eos=not args.ignore_eos,
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
