@@ -15,7 +15,9 @@ does not start with one, so `decode(train.bin)` equals `"".join(d + "<|endoftext
 Split: documents (after dedup, in input order) are assigned by systematic sampling with a random
 member per stratum: the stream is cut into consecutive blocks of about 1/val_fraction documents and one
 document of each block, chosen from `seed`, goes to val. That is deterministic, streaming, and gives
-val exactly round(val_fraction * n) documents (+-1) spread evenly over the corpus.
+val exactly round(val_fraction * n) documents (+-1) spread evenly over the corpus. A corpus of too few
+documents for that (one text file, say) is split by position instead, as nanoGPT does
+(`position_split`); an empty train split is an error.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from ..errors import UserError
 from ..fileio import atomic_dir, atomic_write_json
 from .dedup import Deduplicator, densify, minhash_bins
 from .meta import DTYPES, FORMAT_VERSION, SPLITS, dtype_for_vocab, read_meta
+from .position_split import needs_position_split, split_by_position
 from .readers import (
     DEFAULT_CORPUS_NAME,
     FilePiece,
@@ -456,9 +459,21 @@ def _write_shards(tmp, pieces_fn, tok, tok_dir, splitter, workers, dedup, near_d
         raise UserError("the inputs hold no documents (all empty, skipped or duplicates)")
     if stats.bad_records_skipped:
         log(f"skipped {stats.bad_records_skipped} bad record(s), e.g. {stats.bad_record_examples[0]}")
-    if splitter.f > 0 and writer.counts["val"].documents == 0:
+    split_by = "documents"
+    counts = writer.counts
+    if needs_position_split(kept, splitter.f, counts["val"].documents, counts["train"].documents):
+        split_by = "position"
+        counts = {s: SplitCounts(**c) for s, c in
+                  split_by_position(tmp, tok, dtype, kept, splitter.split, splitter.f).items()}
+        log(f"{kept} document(s) are too few to split by document: split by position instead (the first "
+            f"{1 - splitter.f:.0%} of the tokens to train, the rest to val, cut at a line boundary): "
+            f"{counts['train'].tokens:,} / {counts['val'].tokens:,} tokens")
+    if counts["train"].tokens == 0:
+        raise UserError(f"the train split would be empty ({kept} document(s), {counts['val'].tokens} token(s), "
+                        f"--val-fraction {splitter.f}): give more text or a smaller --val-fraction")
+    if splitter.f > 0 and counts["val"].documents == 0:
         log(f"warning: the val split is empty ({kept} document(s) with --val-fraction {splitter.f}); "
-            "use --split-on to cut the input into more documents")
+            "the input is too short to hold out any of it")
     summary = deduper.summary()
     summary.update(removed_bytes=removed_bytes, report="dedup.jsonl")
     return {
@@ -470,7 +485,8 @@ def _write_shards(tmp, pieces_fn, tok, tok_dir, splitter, workers, dedup, near_d
         "tokenizer": tok_dir,
         "normalization": getattr(tok, "normalization", None),
         "lowercase": bool(getattr(tok, "lowercase", False)),
-        "splits": {s: vars(writer.counts[s]) for s in SPLITS},
+        "splits": {s: vars(counts[s]) for s in SPLITS},
+        "split_by": split_by,
         "layout": "every document is followed by one EOS; <split>.idx holds uint64 offsets just past each EOS",
         "dedup": summary,
         "val_fraction": splitter.f,
