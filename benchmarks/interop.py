@@ -48,7 +48,7 @@ def main() -> None:
 
     shared = Path(os.environ.get("GPT2KIT_SHARED_DATA", REPO.parent / "shared" / "data"))
     tok = Tokenizer.from_pretrained(shared / "gpt2")
-    text = (shared / "tinyshakespeare" / "input.txt").read_text()[:2000] if (shared / "tinyshakespeare").exists() \
+    text = (shared / "tinyshakespeare.txt").read_text()[:2000] if (shared / "tinyshakespeare.txt").exists() \
         else "First Citizen: Before we proceed any further, hear me speak."
     work = Path(tempfile.mkdtemp(prefix="gpt2kit-interop-"))
     torch.manual_seed(0)

@@ -36,7 +36,9 @@ def export_gguf(model, tokenizer: Tokenizer, out: str | Path, dtype: str = "f32"
     arch = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GPT2]
     with atomic_path(out) as tmp:
         w = gguf.GGUFWriter(tmp, arch)
+        w.add_type(gguf.GGUFType.MODEL)
         w.add_name(Path(out).stem)
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         w.add_block_count(config.n_layer)
         w.add_context_length(config.n_ctx)
         w.add_embedding_length(config.n_embd)
