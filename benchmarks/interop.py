@@ -42,6 +42,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from export_helpers import llama_cpp_module
+
     from gpt2kit.cli import main as cli
     from gpt2kit.model import GPT2, GPT2Config
     from gpt2kit.tokenizer import Tokenizer
