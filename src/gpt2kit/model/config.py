@@ -254,6 +254,9 @@ def _check_variant(c: GPT2Config) -> None:
         )
     for name in ("window", "attention_block", "attention_summary", "moe_every"):
         _positive_int(c, name)
+    if "fixed" in c.layer_attention and c.attention_block > c.n_ctx:
+        raise ConfigError(f"model config: attention_block ({c.attention_block}) must be <= n_ctx ({c.n_ctx}): a "
+                          "sequence cannot use a block longer than the context")
     if c.attention_summary > c.attention_block:
         raise ConfigError(f"model config: attention_summary ({c.attention_summary}) must be <= attention_block "
                           f"({c.attention_block})")

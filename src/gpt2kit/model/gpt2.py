@@ -21,6 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
+from .attention import AttentionContext, variant_attention
 from .config import GPT2Config
 from .kv_cache import KVCache
 from .linear import gelu_linear, linear
@@ -58,13 +59,25 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.attn_dropout = config.attn_dropout
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.config = config
+        self.kinds = config.layer_attention  # the pattern at each depth (a shared block may serve several)
 
     def forward(self, x, attn_mask=None, is_causal=True, kv_cache: KVCache | None = None, layer: int = 0,
                 last_only: bool = False):
-        """last_only: keys and values for every position (the cache needs them), output for the last."""
+        """last_only: keys and values for every position (the cache needs them), output for the last.
+        In a model with attention variants attn_mask is an AttentionContext (model/attention.py)."""
         B, T, C = x.shape
         # [B, T, 3C] -> three [B, H, T, D] views (no copies: SDPA takes strided inputs)
         q, k, v = linear(x, self.c_attn).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4).unbind(0)
+        if isinstance(attn_mask, AttentionContext):
+            if self.kinds[layer] != "dense":
+                y = variant_attention(self.kinds[layer], q, k, v, self.config, attn_mask, kv_cache, layer,
+                                      self.attn_dropout if self.training else 0.0)
+                if last_only:
+                    y, T = y[:, :, -1:], 1
+                y = y.transpose(1, 2).reshape(B, T, C)
+                return self.resid_dropout(linear(y, self.c_proj))
+            attn_mask, is_causal = attn_mask.mask, attn_mask.is_causal
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # all keys/values so far: [B, H, P + T, D]
         if last_only and T > 1:
@@ -225,6 +238,10 @@ class GPT2Network(nn.Module):
         if position_ids is None:
             position_ids = self._default_positions(B, T, past, attention_mask, idx.device)
         attn_mask, is_causal = self._attention_mask(T, past, attention_mask, idx.device)
+        if any(kind != "dense" for kind in self.config.layer_attention):
+            # variant layers take the raw padding (their patterns are masks of their own), dense ones as above
+            padding = None if attention_mask is None or bool(attention_mask.all()) else attention_mask
+            attn_mask = AttentionContext(attn_mask, is_causal, padding, past)
 
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(position_ids))
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
@@ -234,7 +251,7 @@ class GPT2Network(nn.Module):
             for layer, b in enumerate(self.block_schedule):
                 block = blocks[b]
                 if checkpointing and kv_cache is None:
-                    x = checkpoint(block, x, attn_mask, is_causal, use_reentrant=False)
+                    x = checkpoint(block, x, attn_mask, is_causal, None, layer, use_reentrant=False)
                 else:
                     # only the last position leaves the network: its final block computes nothing else
                     x = block(x, attn_mask, is_causal, kv_cache, layer, last_only and layer == last)
