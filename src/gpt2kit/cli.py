@@ -25,6 +25,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("distill", "distill", "distil a teacher checkpoint into a smaller student"),
     ("quantize", "quantize", "quantise a checkpoint to int8/int4"),
     ("prune", "prune", "magnitude-prune a checkpoint"),
+    ("lora", "lora", "LoRA adapters in peft's format: merge one into its base"),
     ("reward", "reward", "train a reward model on preference pairs, or score with one"),
     ("dpo", "dpo", "align a checkpoint to preference pairs with DPO"),
     ("rlhf", "rlhf", "RLHF (RLOO) of a checkpoint against a reward model or function"),
