@@ -52,6 +52,14 @@ def test_bad_completion_requests(live, body, param):
     assert_error(post(live, "/v1/completions", body), 400, param)
 
 
+def test_extreme_but_valid_values_generate(live):
+    for body in ({"prompt": "a", "temperature": 1e-300, "max_tokens": 3}, {"prompt": "\ud800", "max_tokens": 2},
+                 {"prompt": "a", "top_k": 10**9, "top_p": 1e-9, "max_tokens": 2, "seed": -5},
+                 {"prompt": "", "max_tokens": 1, "presence_penalty": 2, "frequency_penalty": -2}):
+        r = post(live, "/v1/completions", body)
+        assert r.status_code == 200, (body, r.text)
+
+
 def test_over_context_names_the_limit(live):
     err = assert_error(post(live, "/v1/completions", {"prompt": "the cat " * 400, "max_tokens": 1}), 400, "prompt")
     assert str(N_CTX) in err["message"] and err["code"] == "context_length_exceeded"

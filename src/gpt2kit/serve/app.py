@@ -30,6 +30,8 @@ from .scheduler import Delta, Failed, Finished, PromptLogprobs, QueueFull, Sampl
 # a client that never reads would otherwise hold its rows forever: checked while a request waits
 _DISCONNECT_POLL_S = 0.25
 _OPEN_PATHS = ("/", "/health", "/openapi.json", "/docs")
+# temperatures below this sample as greedy (vLLM's rule): dividing by them overflows float32
+GREEDY_BELOW = 1e-5
 
 
 class APIError(Exception):
@@ -110,8 +112,11 @@ class Server:
             raise APIError(400, "stop strings must not be empty", param="stop")
         top_k = req.top_k if req.top_k not in (None, 0, -1) else None
         top_p = req.top_p if req.top_p not in (None, 1, 1.0) else None
+        temperature = 1.0 if req.temperature is None else float(req.temperature)
+        if temperature < GREEDY_BELOW:  # logits / 1e-300 overflow: so small a temperature is greedy
+            temperature = 0.0
         return SamplingParams(
-            max_tokens=max_tokens, temperature=1.0 if req.temperature is None else float(req.temperature),
+            max_tokens=max_tokens, temperature=temperature,
             top_p=top_p, top_k=top_k, stop=stops + stop, seed=None if req.seed is None else req.seed % 2**63,
             presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
             logprobs=logprobs, prompt_logprobs=prompt_logprobs,

@@ -188,7 +188,9 @@ class Scheduler:
             want_prompt = seq.params.prompt_logprobs is not None
             if key not in prefills or want_prompt:
                 ids = torch.tensor([seq.prompt_ids], dtype=torch.long, device=self.model.device)
-                cache = KVCache.allocate(self.config, 1, len(seq.prompt_ids), self.model.device, self.model.dtype)
+                # full=True: the batch cache copies every layer's columns (attention variants too)
+                cache = KVCache.allocate(self.config, 1, len(seq.prompt_ids), self.model.device, self.model.dtype,
+                                         full=True)
                 logits = self.model(ids, kv_cache=cache, last_only=not want_prompt).logits[0].float()
                 prefills[key] = (cache, logits[-1:])
                 if want_prompt:
@@ -254,6 +256,8 @@ class Scheduler:
         if seq._counts is not None:
             logits = logits - p.frequency_penalty * seq._counts - p.presence_penalty * (seq._counts > 0)
         t = int(next_token(logits[None], p.temperature, p.top_k, p.top_p, None, None, seq._generator)[0])
+        if not 0 <= t < logits.numel():  # a distribution with no finite mass (NaN): take the argmax
+            t = int(torch.nan_to_num(raw, nan=float("-inf")).argmax())
         now = time.perf_counter()
         if seq.generated == 0:
             self.metrics.ttft.observe(now - seq.submitted)
