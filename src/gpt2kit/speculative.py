@@ -90,8 +90,10 @@ class SpeculativeStream(TokenStream):
         B, T = self.batch_size, self.prompt_length
         # a round writes up to K positions past the last committed token: room for them
         cache_len = max(min(T + max_new_tokens + max_draft_tokens, self.n_ctx), 1)
-        self.cache = KVCache.allocate(model.config, B, cache_len, device=self.device, dtype=model.dtype)
-        self.draft_cache = KVCache.allocate(draft.config, B, cache_len, device=self.device, dtype=draft.dtype)
+        # full=True: a round crops the caches, which a rolling window or a linear state cannot undo
+        self.cache = KVCache.allocate(model.config, B, cache_len, device=self.device, dtype=model.dtype, full=True)
+        self.draft_cache = KVCache.allocate(draft.config, B, cache_len, device=self.device, dtype=draft.dtype,
+                                           full=True)
         self._draft_step = _pick_decoder(draft, B, fast)
         self.positions = (self.out_mask.long().cumsum(-1) - 1).clamp(min=0)
         self.committed = T  # columns of self.out that are final (yielded or waiting to be)
