@@ -96,8 +96,10 @@ class FinetuneResult:
 
 
 def finetune_shards(init: str | Path, data: str | Path, out: str | Path, overrides: dict[str, Any] | None = None,
-                    eval_text: str | None = None, overwrite: bool = False) -> FinetuneResult:
-    """Fine-tune `init` on token shards with gpt2kit's trainer; `overrides` are trainer config keys."""
+                    eval_text: str | None = None, overwrite: bool = False, n_ctx: int | None = None) -> FinetuneResult:
+    """Fine-tune `init` on token shards with gpt2kit's trainer; `overrides` are trainer config keys.
+    n_ctx: context extension -- the position table grows to n_ctx rows (model/context.py) and the
+    default block_size becomes n_ctx."""
     from ..data import check_fingerprint, read_meta
     from ..model import GPT2
     from ..train.config import build_config
@@ -109,11 +111,24 @@ def finetune_shards(init: str | Path, data: str | Path, out: str | Path, overrid
     check_fingerprint(meta, tokenizer)
     flat: dict[str, Any] = dict(DEFAULTS)
     flat["block_size"] = min(config.n_ctx, DEFAULTS["block_size"])
+    if n_ctx is not None and n_ctx != config.n_ctx:
+        if n_ctx < config.n_ctx:
+            raise UserError(f"--n-ctx {n_ctx} is shorter than the checkpoint's context n_ctx={config.n_ctx}; "
+                            "context extension only grows it")
+        config = config.replace(n_ctx=n_ctx)
+        flat["block_size"] = n_ctx
     flat.update(overrides or {})
     flat.update(
         init_from=str(init), data=str(data), out=str(out), preset="gpt2", n_layer=config.n_layer,
         n_head=config.n_head, n_embd=config.n_embd, n_ctx=config.n_ctx, vocab_size=config.vocab_size,
     )
+    # an attention variant fine-tunes as itself (train flags --attention/--attention-layers/--window/--block)
+    attn = config.variant()
+    for key, flag in (("attention", "attention"), ("window", "window"), ("attention_block", "block")):
+        if key in attn:
+            flat[flag] = attn[key]
+    if "attention_layers" in attn:
+        flat["attention_layers"] = ",".join(attn["attention_layers"])
     flat.setdefault("dropout", config.dropout)
     flat.setdefault("attn_dropout", config.attn_dropout)
     cfg = build_config(flat)

@@ -516,6 +516,10 @@ class Trainer:
         if init is None:
             return GPT2(mc).to(self.device)
         model = GPT2.from_pretrained(init, device=self.device, dtype=torch.float32)
+        if mc.n_ctx > model.config.n_ctx:  # context extension (finetune --n-ctx): grow the position table
+            from ..model.context import extend_positions
+
+            extend_positions(model, mc.n_ctx)
         _check_same_shape(mc, model.config, str(init))
         # dropout comes from this run's config, not from the checkpoint's config.json
         model.config = model.config.replace(dropout=mc.dropout, attn_dropout=mc.attn_dropout)
