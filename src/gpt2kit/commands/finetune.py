@@ -32,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat-tokens", action="store_true",
                    help="with --chat: add <|im_start|> and <|im_end|> as special tokens (embedding grown, head tied)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="JSONL: share of records held out (default 0.1)")
+    p.add_argument("--n-ctx", type=int, default=None, metavar="N",
+                   help="--data: context extension, grow the learned position table to N positions (new rows "
+                        "copied from the existing ones) and fine-tune at that length")
     p.add_argument("--eval-text", metavar="FILE", help="report perplexity on this text before and after")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     add_train_flags(p, DEFAULTS)
@@ -54,8 +57,13 @@ def run(args: argparse.Namespace) -> int:
             from ..errors import UserError
 
             raise UserError("--val-fraction applies to --jsonl; shards carry their own val split")
-        result = finetune_shards(args.init, args.data, args.out, overrides, eval_text=text, overwrite=args.overwrite)
+        result = finetune_shards(args.init, args.data, args.out, overrides, eval_text=text, overwrite=args.overwrite,
+                                 n_ctx=args.n_ctx)
     else:
+        if args.n_ctx is not None:
+            from ..errors import UserError
+
+            raise UserError("--n-ctx (context extension) applies to --data token shards, not to --jsonl")
         result = finetune_jsonl(args.init, args.jsonl, args.out, overrides, val_fraction=args.val_fraction,
                                 eval_text=text, overwrite=args.overwrite, chat=args.chat,
                                 chat_tokens=args.chat_tokens)
