@@ -71,35 +71,50 @@ def test_parse_hub_id_maps_legacy_names_and_revisions():
     assert parse_hub_id("../ckpt") is None
 
 
-def test_generate_gpt2_from_offline_cache_matches_local_dir(checkpoint, tmp_path):
+def cli_in_process(args: list[str], capsys) -> tuple[int, str, str]:
+    from gpt2kit.cli import main
+
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture
+def offline_cache(tmp_path, monkeypatch) -> Path:
+    """huggingface_hub pointed at an empty cache in tmp_path, offline (what HF_HOME + HF_HUB_OFFLINE=1 set)."""
+    from huggingface_hub import constants
+
+    home = tmp_path / "hf"
+    (home / "hub").mkdir(parents=True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return home
+
+
+def test_generate_gpt2_from_offline_cache_matches_local_dir(checkpoint, tmp_path, capsys):
+    """The real environment variables, in a fresh process: HF_HOME's cache, HF_HUB_OFFLINE=1."""
     hub_cache(tmp_path / "hf", "openai-community/gpt2", checkpoint, blobs=True)
     args = ["--prompt", "the cat", "--max-new-tokens", "8", "--temperature", "0", "--seed", "1"]
     via_hub = run_cli(["generate", "gpt2", *args], tmp_path / "hf", tmp_path)
     assert via_hub.returncode == 0, via_hub.stderr
-    local = run_cli(["generate", str(checkpoint), *args], tmp_path / "hf", tmp_path)
-    assert local.returncode == 0, local.stderr
-    assert via_hub.stdout == local.stdout and via_hub.stdout.strip()
+    code, local, err = cli_in_process(["generate", str(checkpoint), *args], capsys)
+    assert code == 0, err
+    assert via_hub.stdout == local and local.strip()
 
 
-def test_missing_id_is_one_line_exit_2(tmp_path):
-    (tmp_path / "hf" / "hub").mkdir(parents=True)
-    r = run_cli(["generate", "someone/not-cached", "--prompt", "x"], tmp_path / "hf", tmp_path)
-    assert r.returncode == 2
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "someone/not-cached" in lines[0] and "HF_HUB_OFFLINE" in lines[0], r.stderr
+def test_missing_id_is_one_line_exit_2(offline_cache, capsys):
+    code, _, err = cli_in_process(["generate", "someone/not-cached", "--prompt", "x"], capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "someone/not-cached" in lines[0] and "HF_HUB_OFFLINE" in lines[0], err
 
 
-def test_local_path_wins_and_revision_selects_snapshot(checkpoint, tmp_path, monkeypatch):
-    from huggingface_hub import constants
-
+def test_local_path_wins_and_revision_selects_snapshot(checkpoint, offline_cache, tmp_path, monkeypatch):
     from gpt2kit.hub import resolve_checkpoint
     from gpt2kit.model import GPT2
     from gpt2kit.tokenizer import Tokenizer
 
-    home = tmp_path / "hf"
-    snap = hub_cache(home, "user/repo", checkpoint, commit="f" * 40, ref="v2")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    snap = hub_cache(offline_cache, "user/repo", checkpoint, commit="f" * 40, ref="v2")
     monkeypatch.chdir(tmp_path)
     assert resolve_checkpoint("user/repo@v2") == snap
     with pytest.raises(UserError, match="user/repo@nope"):
@@ -114,30 +129,27 @@ def test_local_path_wins_and_revision_selects_snapshot(checkpoint, tmp_path, mon
     assert Tokenizer.from_pretrained("user/repo@v2").fingerprint == Tokenizer.from_pretrained(checkpoint).fingerprint
 
 
-def test_torch_bin_only_snapshot_loads_weights_only(checkpoint, tmp_path, monkeypatch):
+def test_torch_bin_only_snapshot_loads_weights_only(checkpoint, offline_cache):
     """A repository without safetensors: pytorch_model.bin is read with torch.load(weights_only=True)."""
-    from huggingface_hub import constants
     from safetensors.torch import load_file
 
     from gpt2kit.model import GPT2
 
-    home = tmp_path / "hf"
-    snap = hub_cache(home, "user/binonly", checkpoint)
+    snap = hub_cache(offline_cache, "user/binonly", checkpoint)
     torch.save(load_file(snap / "model.safetensors"), snap / "pytorch_model.bin")
     (snap / "model.safetensors").unlink()
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     got = GPT2.from_pretrained("user/binonly")
     ref = GPT2.from_pretrained(checkpoint)
     assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), ref.state_dict().values()))
 
 
-def test_unreachable_hub_is_one_line_exit_2(tmp_path):
+def test_unreachable_hub_is_one_line_exit_2(offline_cache, monkeypatch, capsys):
     """Online mode, nothing cached, the endpoint refuses connections: one line naming the id, exit 2."""
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9"}
-    env.pop("HF_HUB_OFFLINE", None)
-    r = subprocess.run([sys.executable, "-m", "gpt2kit", "generate", "someone/x", "--prompt", "hi"],
-                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
-    assert r.returncode == 2
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "someone/x" in lines[0] and "cannot be reached" in lines[0], r.stderr
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    code, _, err = cli_in_process(["generate", "someone/x", "--prompt", "hi"], capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "someone/x" in lines[0] and "cannot be reached" in lines[0], err
