@@ -3,6 +3,8 @@
   gpt2kit finetune --init CKPT --data SHARDS --out RUN [--lr 1e-4 --max-steps 200 --block-size 256]
   gpt2kit finetune --init CKPT --jsonl pairs.jsonl --out RUN [--val-fraction 0.1]
   gpt2kit finetune --init PRUNED --data SHARDS --out RUN        # pruned weights stay zero
+  gpt2kit finetune --init CKPT --data SHARDS --out RUN --lora-r 8 --lora-alpha 16 [--lora-targets c_attn,c_proj,c_fc]
+                                                                # adapters only (peft's format); --lora-merge
 
 Shards use gpt2kit's trainer (RUN is a run directory: step-XXXXXX/ checkpoints, best/, metrics.jsonl);
 JSONL records {"prompt": ..., "completion": ...} become padded rows prompt + completion + EOS, and the
@@ -37,6 +39,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "copied from the existing ones) and fine-tune at that length")
     p.add_argument("--eval-text", metavar="FILE", help="report perplexity on this text before and after")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--resume", action="store_true", help="shards: continue the run in --out from its latest checkpoint")
+    lo = p.add_argument_group("LoRA (adapters only, saved in peft's format; see docs/post.md)")
+    lo.add_argument("--lora-r", type=int, metavar="R", help="train rank-R LoRA adapters on a frozen base")
+    lo.add_argument("--lora-alpha", type=float, metavar="A", help="LoRA scale numerator: update * A / R (default 2R)")
+    lo.add_argument("--lora-targets", default="c_attn", metavar="LIST",
+                    help="projections to adapt, from c_attn,c_proj,c_fc (default c_attn)")
+    lo.add_argument("--lora-dropout", type=float, default=0.0, metavar="P", help="dropout on the adapters' input")
+    lo.add_argument("--lora-merge", action="store_true", help="also write OUT/merged, base + adapter as a plain checkpoint")
     add_train_flags(p, DEFAULTS)
 
 
@@ -47,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
 
     args.init = str(resolve_checkpoint(args.init, "--init"))  # a hub id works too
     overrides = train_overrides(args)
+    lora = _lora_settings(args)
     text = read_eval_text(args.eval_text)
     if args.data:
         if args.chat or args.chat_tokens:
@@ -58,14 +69,34 @@ def run(args: argparse.Namespace) -> int:
 
             raise UserError("--val-fraction applies to --jsonl; shards carry their own val split")
         result = finetune_shards(args.init, args.data, args.out, overrides, eval_text=text, overwrite=args.overwrite,
-                                 n_ctx=args.n_ctx)
+                                 lora=lora, lora_merge=args.lora_merge, resume=args.resume, n_ctx=args.n_ctx)
     else:
         if args.n_ctx is not None:
             from ..errors import UserError
 
             raise UserError("--n-ctx (context extension) applies to --data token shards, not to --jsonl")
+        if args.resume:
+            from ..errors import UserError
+
+            raise UserError("--resume applies to token shards (--data); a --jsonl run is short and restarts")
         result = finetune_jsonl(args.init, args.jsonl, args.out, overrides, val_fraction=args.val_fraction,
                                 eval_text=text, overwrite=args.overwrite, chat=args.chat,
-                                chat_tokens=args.chat_tokens)
+                                chat_tokens=args.chat_tokens, lora=lora, lora_merge=args.lora_merge)
     print_report(result.report(), args.json)
     return 0
+
+
+def _lora_settings(args: argparse.Namespace):
+    """LoraSettings from --lora-*, or None without --lora-r (the other --lora-* flags then refused)."""
+    from ..errors import UserError
+
+    if args.lora_r is None:
+        if args.lora_alpha is not None or args.lora_merge or args.lora_dropout or args.lora_targets != "c_attn":
+            raise UserError("--lora-alpha/--lora-targets/--lora-dropout/--lora-merge go with --lora-r R")
+        return None
+    from ..post.lora import LoraSettings, parse_targets
+
+    settings = LoraSettings(r=args.lora_r, alpha=args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_r,
+                            dropout=args.lora_dropout, targets=parse_targets(args.lora_targets))
+    settings.check()
+    return settings

@@ -96,8 +96,11 @@ class FinetuneResult:
 
 
 def finetune_shards(init: str | Path, data: str | Path, out: str | Path, overrides: dict[str, Any] | None = None,
-                    eval_text: str | None = None, overwrite: bool = False, n_ctx: int | None = None) -> FinetuneResult:
+                    eval_text: str | None = None, overwrite: bool = False, lora=None, lora_merge: bool = False,
+                    resume: bool = False, n_ctx: int | None = None) -> FinetuneResult:
     """Fine-tune `init` on token shards with gpt2kit's trainer; `overrides` are trainer config keys.
+    lora (post.lora.LoraSettings): train adapters only, checkpoints are peft adapter directories;
+    lora_merge also writes OUT/merged, a plain checkpoint. resume continues the run in `out`.
     n_ctx: context extension -- the position table grows to n_ctx rows (model/context.py) and the
     default block_size becomes n_ctx."""
     from ..data import check_fingerprint, read_meta
@@ -122,6 +125,8 @@ def finetune_shards(init: str | Path, data: str | Path, out: str | Path, overrid
         init_from=str(init), data=str(data), out=str(out), preset="gpt2", n_layer=config.n_layer,
         n_head=config.n_head, n_embd=config.n_embd, n_ctx=config.n_ctx, vocab_size=config.vocab_size,
     )
+    # an MoE / shared-layer checkpoint fine-tunes as itself (those [model] keys have the config's names)
+    flat.update({k: v for k, v in config.variant().items() if k.startswith("moe_") or k == "share_layers"})
     # an attention variant fine-tunes as itself (train flags --attention/--attention-layers/--window/--block)
     attn = config.variant()
     for key, flag in (("attention", "attention"), ("window", "window"), ("attention_block", "block")):
@@ -133,7 +138,15 @@ def finetune_shards(init: str | Path, data: str | Path, out: str | Path, overrid
     flat.setdefault("attn_dropout", config.attn_dropout)
     cfg = build_config(flat)
 
-    trainer = MaskedTrainer(cfg, masks=masks, overwrite=overwrite)
+    if lora is not None:
+        from .lora import LoraTrainer
+
+        if masks:
+            raise UserError(f"--lora-r: {init} is pruned; LoRA's update would fill the pruned zeros back in")
+        lora.base = str(init)
+        trainer = LoraTrainer(cfg, lora, overwrite=overwrite, resume=resume)
+    else:
+        trainer = MaskedTrainer(cfg, masks=masks, overwrite=overwrite, resume=resume)
     try:
         d = cfg.data
         val_args = (d.data, trainer.meta, d.eval_batch_size or d.batch_size, d.block_size, trainer.device,
@@ -150,7 +163,17 @@ def finetune_shards(init: str | Path, data: str | Path, out: str | Path, overrid
     if result.val is not None:
         after["val_loss"] = result.val["val_loss"]
     if eval_text is not None:
-        after["ppl"] = perplexity(GPT2.from_pretrained(result.last_checkpoint), tokenizer, eval_text)["ppl"]
+        if lora is not None:
+            from .lora import load_lora_model
+
+            tuned = load_lora_model(result.last_checkpoint, base=init)[0]
+        else:
+            tuned = GPT2.from_pretrained(result.last_checkpoint)
+        after["ppl"] = perplexity(tuned, tokenizer, eval_text)["ppl"]
+    if lora is not None and lora_merge:
+        from .lora import merge_checkpoint
+
+        merge_checkpoint(result.last_checkpoint, Path(out) / "merged", base=init, overwrite=True)
     return FinetuneResult(Path(out), Path(result.last_checkpoint), result.step, before, after,
                           result.tokens_per_s, result.wall_s)
 
@@ -225,7 +248,8 @@ def completion_loss(model, rows, pad_id: int, batch_size: int = 16) -> float:
 
 def finetune_jsonl(init: str | Path, jsonl: str | Path, out: str | Path, overrides: dict[str, Any] | None = None,
                    val_fraction: float = 0.1, eval_text: str | None = None, overwrite: bool = False,
-                   log=_log, chat: bool = False, chat_tokens: bool = False) -> FinetuneResult:
+                   log=_log, chat: bool = False, chat_tokens: bool = False, lora=None,
+                   lora_merge: bool = False) -> FinetuneResult:
     """Instruction-tune `init` on prompt/completion records; writes OUT/final (a checkpoint) and
     OUT/metrics.jsonl. chat=True: chat/Alpaca records (gpt2kit.align.sft), loss on the assistant turns,
     the chat template saved into the checkpoint; chat_tokens adds <|im_start|>/<|im_end|> as tokens."""
@@ -272,6 +296,13 @@ def finetune_jsonl(init: str | Path, jsonl: str | Path, out: str | Path, overrid
     if masks:
         check_masks_fit(model, masks, str(init))
         apply_masks(model, masks)
+    if lora is not None:  # adapters only: OUT/final is a peft adapter directory
+        from .lora import inject_lora
+
+        if masks or chat_tokens:
+            raise UserError("--lora-r goes with neither a pruned checkpoint nor --chat-tokens (both change the base)")
+        lora.base = str(init)
+        inject_lora(model, lora)
     pad = tokenizer.eos_id
     before = {"val_loss": completion_loss(model, val_rows, pad)} if val_rows else {}
     if eval_text is not None:
@@ -310,10 +341,15 @@ def finetune_jsonl(init: str | Path, jsonl: str | Path, out: str | Path, overrid
     with atomic_dir(out, overwrite=overwrite) as tmp:
         final = tmp / "final"
         final.mkdir()
-        copy_model_files(init, final)
         extra = {"finetune": {"init": str(init), "jsonl": str(jsonl), "steps": int(o["max_steps"]),
                               "lr": o["lr"], "loss": "assistant turns only" if chat else "completion only"}}
-        model.save_pretrained(final, tokenizer=tokenizer if chat else None, extra=extra)
+        if lora is not None:
+            from .lora import save_adapter
+
+            save_adapter(model, lora, final)
+        else:
+            copy_model_files(init, final)
+            model.save_pretrained(final, tokenizer=tokenizer if chat else None, extra=extra)
         if template is not None:
             from ..align.chat import save_chat_template
 
@@ -321,6 +357,10 @@ def finetune_jsonl(init: str | Path, jsonl: str | Path, out: str | Path, overrid
         if masks:
             save_masks(masks, final)
         atomic_write_text(tmp / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
+    if lora is not None and lora_merge:
+        from .lora import merge_checkpoint
+
+        merge_checkpoint(out / "final", out / "merged", base=init, overwrite=True)
     log(f"fine-tuned {int(o['max_steps'])} steps in {wall:.1f} s"
         + (f"; completion loss {before['val_loss']:.4f} -> {after['val_loss']:.4f}" if val_rows else ""))
     return FinetuneResult(out, out / "final", int(o["max_steps"]), before, after, tokens / max(wall, 1e-9), wall)

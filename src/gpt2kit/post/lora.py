@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError
+from ..train.trainer import Trainer
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -294,3 +295,33 @@ def merge_checkpoint(adapter: str | Path, out: str | Path, base: str | Path | No
                                                           "r": settings.r, "lora_alpha": settings.alpha}})
     return {"out": str(out), "base": str(base_dir), "adapter": str(adapter), "merged_modules": n,
             "r": settings.r, "lora_alpha": settings.alpha, "scaling": settings.scaling}
+
+
+class LoraTrainer(Trainer):
+    """gpt2kit's Trainer on a frozen base with LoRA adapters: AdamW sees the adapters only; every checkpoint
+    (step-XXXXXX/, best/) is an adapter directory in peft's format, and resume loads the base from
+    `init_from` and the adapters from the step directory."""
+
+    def __init__(self, cfg, settings: LoraSettings, **kwargs):
+        if cfg.run.strategy == "fsdp":
+            raise UserError("LoRA fine-tuning supports --strategy ddp (or one process), not fsdp")
+        self.lora = settings
+        super().__init__(cfg, **kwargs)
+
+    def _build_model(self, mc, resume_dir):
+        model = super()._build_model(mc, None)  # the base, from init_from
+        inject_lora(model, self.lora)
+        if resume_dir is not None:
+            load_adapter_weights(model, resume_dir)
+        n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.log(f"LoRA r={self.lora.r} alpha={self.lora.alpha:g} on {len(lora_modules(model))} projections: "
+                 f"{n:,} trainable parameters")
+        return model
+
+    def _save_model_files(self, directory: Path, full_state) -> None:
+        from ..fileio import atomic_write_json
+
+        save_adapter(self.bare, self.lora, directory)
+        atomic_write_json(Path(directory) / "gpt2kit.json",
+                          {"lora": {"base": self.lora.base}, "training": {"step": self.step,
+                                                                         "config": self.cfg.to_dict()}})
