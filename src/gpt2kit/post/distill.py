@@ -61,9 +61,9 @@ class DistillationModel(nn.Module):
         teacher = self._teacher[0]
         with torch.no_grad():
             t_logits = teacher(idx).logits
-        s_logits = self.student(idx).logits
-        loss = distillation_loss(s_logits, t_logits, targets, self.alpha, self.tau, loss_mask)
-        return GPT2Output(None, loss, None)
+        s_out = self.student(idx)
+        loss = distillation_loss(s_out.logits, t_logits, targets, self.alpha, self.tau, loss_mask)
+        return GPT2Output(None, loss, None, getattr(s_out, "aux_loss", None))  # an MoE student's balance loss
 
 
 class DistillTrainer(Trainer):
@@ -92,7 +92,9 @@ def student_overrides(student: str) -> dict[str, Any]:
     if not p.is_file():
         raise UserError(f"--student must be a preset ({', '.join(PRESETS)}) or a config.json file, got {student!r}")
     cfg = GPT2Config.from_hf_dict(read_json(p, "--student config"), source=str(p))
-    return {"preset": "gpt2", "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd, "n_ctx": cfg.n_ctx}
+    shape = {"preset": "gpt2", "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd, "n_ctx": cfg.n_ctx}
+    # an MoE / shared-layer student keeps its variant (the [model] keys have the config's names)
+    return shape | {k: v for k, v in cfg.variant().items() if k.startswith("moe_") or k == "share_layers"}
 
 
 def distill(teacher_dir: str | Path, student: str, data: str | Path, out: str | Path, alpha: float = 0.5,

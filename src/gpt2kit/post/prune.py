@@ -29,8 +29,12 @@ PRUNED_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight"
 
 
 def prunable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    return {n: p for n, p in model.named_parameters()
-            if n.endswith(PRUNED_SUFFIXES) or (n.endswith(".weight") and EXPERT_LINEAR.search(n[: -len(".weight")]))}
+    return {n: p for n, p in model.named_parameters() if is_prunable(n)}
+
+
+def is_prunable(name: str) -> bool:
+    """A projection weight of a block, MoE experts' included (`...mlp.experts.{e}.c_fc.weight`)."""
+    return name.endswith(PRUNED_SUFFIXES) or (name.endswith(".weight") and bool(EXPERT_LINEAR.search(name[:-7])))
 
 
 def check_sparsity(sparsity: float) -> float:
@@ -106,7 +110,7 @@ def load_masks(directory: str | Path) -> dict[str, torch.Tensor] | None:
 
     masks = read_weights(f)
     for n, m in masks.items():
-        if m.dtype != torch.bool or not n.endswith(PRUNED_SUFFIXES):
+        if m.dtype != torch.bool or not is_prunable(n):
             raise UserError(f"{f}: {n!r} is not a pruning mask of a projection weight")
     return masks
 
