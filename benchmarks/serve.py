@@ -6,7 +6,7 @@
 Random `gpt2`-preset float32 weights (speed does not depend on them) are saved as a gpt2kit checkpoint with
 the GPT-2 tokenizer; llama.cpp's own `convert_hf_to_gguf.py --outtype f32` turns the same directory into a
 GGUF. Each server runs alone on loopback (`gpt2kit serve --max-batch 16`; `llama-server -np 16 -cb`, both
-with `--threads`), then C clients (threads) each send R streaming `/v1/completions` requests one after the
+with `--threads`, default 2), then C clients (threads) each send R streaming `/v1/completions` requests one after the
 other: a distinct ~24-token prompt, 64 new tokens, temperature 0. Reported per server and C: aggregate
 tokens/s (all generated tokens / wall time of the round), p50/p99 time to first token (request sent ->
 first text event) and inter-token latency (between text events), failed requests. Prints one JSON object.
@@ -185,11 +185,11 @@ def main() -> None:
                     "new_tokens": args.new_tokens, "requests_per_client": args.requests_per_client}
     try:
         ckpt = _checkpoint(work)
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "OPENBLAS_NUM_THREADS": str(args.threads)}
         if not args.skip_ours:
             port = _free_port()
             cmd = [sys.executable, "-m", "gpt2kit", "serve", str(ckpt), "--port", str(port), "--max-batch", "16",
-                   "--max-queue", "64"]
+                   "--max-queue", "64", "--threads", str(args.threads)]
             report["gpt2kit"] = _bench_server(cmd, f"http://127.0.0.1:{port}", "gpt2-float32", args, env)
         tools, why = _llama_cpp(args.llama_cpp)
         if tools is None:

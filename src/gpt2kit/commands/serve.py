@@ -30,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16", "float32", "bfloat16"], default="fp32",
                    help="weights and activations (default fp32)")
     p.add_argument("--tokenizer", metavar="DIR", default=None, help="tokenizer directory (default: DIR itself)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for the model (default: torch's); on a machine shared with other busy "
+                        "processes fewer threads than cores can be much faster (docs/serve.md)")
 
 
 def _check_args(args) -> None:
@@ -41,6 +44,8 @@ def _check_args(args) -> None:
         raise UserError(f"--max-batch must be >= 1, got {args.max_batch}")
     if args.max_queue < 1:
         raise UserError(f"--max-queue must be >= 1, got {args.max_queue}")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be >= 1, got {args.threads}")
     if args.api_key is not None and not args.api_key:
         raise UserError("--api-key must not be empty")
 
@@ -61,6 +66,10 @@ def run(args) -> int:
     from ..hub import resolve_checkpoint
     from .generate import _load
 
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     model, tokenizer = _load(args)
     ckpt = Path(resolve_checkpoint(args.checkpoint))
     name = args.model_name or ckpt.resolve().name
