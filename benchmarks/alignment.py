@@ -1,0 +1,246 @@
+"""The alignment path end to end on a tiny model, with data built from a rule: SFT -> RM -> DPO -> RLOO.
+
+  python benchmarks/alignment.py [--out DIR] [--plot docs/align_curves.png] [--memory]
+
+The language: sentences "the <animal> <verb> on the <place>." The prompt asks for an animal
+("write about the cat:"). SFT teaches the form only (its completion names a random animal), so the SFT
+model is indifferent to the request: preference accuracy ~0.5. The rule: a completion that uses the
+requested animal is chosen; the same sentence with another animal is rejected (same length, so the
+per-token log-prob comparison is fair).
+Reported (JSON): reward model held-out pair accuracy; DPO held-out preference accuracy of the policy
+(chosen gets the higher per-token log-prob) before/after; RLOO mean reward of fresh samples (scored by
+the reward model, and by the rule itself) before/after and the KL to the reference vs its target.
+--memory: peak RSS of DPO (precomputed reference log-probs) next to a plain fine-tune of the same model
+(one model in memory each) on a 50257-token vocabulary model, in fresh processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ANIMALS = ["cat", "dog", "bird", "fish", "cow", "fox", "owl", "pig"]
+VERBS = ["sat", "ran", "slept", "sang", "hid", "stood"]
+PLACES = ["mat", "hill", "log", "box", "road", "roof"]
+
+
+def sentence(rng: random.Random, animal: str) -> str:
+    return f" the {animal} {rng.choice(VERBS)} on the {rng.choice(PLACES)}."
+
+
+def prompt_for(animal: str) -> str:
+    return f"write about the {animal}:"
+
+
+def build_data(d: Path, seed: int) -> dict[str, Path]:
+    rng = random.Random(seed)
+    sft, pairs = [], []
+    for _ in range(800):
+        a = rng.choice(ANIMALS)
+        sft.append({"prompt": prompt_for(a), "completion": sentence(rng, rng.choice(ANIMALS))})
+    for _ in range(600):
+        a = rng.choice(ANIMALS)
+        other = rng.choice([x for x in ANIMALS if x != a])
+        s = sentence(rng, a)
+        pairs.append({"prompt": prompt_for(a), "chosen": s, "rejected": s.replace(f" {a} ", f" {other} ", 1)})
+    files = {"sft": d / "sft.jsonl", "pairs": d / "pairs.jsonl"}
+    files["sft"].write_text("".join(json.dumps(r) + "\n" for r in sft))
+    files["pairs"].write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    return files
+
+
+def rule_reward(prompts: list[str], completions: list[str]) -> list[float]:
+    """1 when the completion names the requested animal (and no other), else 0."""
+    out = []
+    for p, c in zip(prompts, completions):
+        want = p.rsplit(" ", 1)[-1].rstrip(":")
+        named = [a for a in ANIMALS if f" {a} " in f" {c} "]
+        out.append(1.0 if named == [want] else 0.0)
+    return out
+
+
+def base_checkpoint(d: Path, seed: int) -> Path:
+    import torch
+
+    from gpt2kit.model import GPT2, GPT2Config
+    from gpt2kit.tokenizer import Tokenizer
+
+    rng = random.Random(seed)
+    texts = [prompt_for(a) + sentence(rng, a) for a in ANIMALS for _ in range(20)]
+    tok = Tokenizer.train(texts, vocab_size=320)
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=tok.vocab_size, n_ctx=64, n_layer=2, n_head=4, n_embd=64, dropout=0.0,
+                     attn_dropout=0.0, eos_token_id=tok.eos_id)
+    GPT2(cfg).save_pretrained(d / "base", tokenizer=tok)
+    return d / "base"
+
+
+def metrics(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def plot(out_png: Path, rm_rows, dpo_rows, rl_rows, kl_target: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    rows = [r for r in rm_rows if "loss" in r]
+    ax[0].plot([r["step"] for r in rows], [r["loss"] for r in rows], label="loss")
+    ax[0].plot([r["step"] for r in rows], [r["accuracy"] for r in rows], label="batch pair accuracy")
+    ax[0].set_title("reward model (Bradley-Terry)")
+    rows = [r for r in dpo_rows if "loss" in r]
+    for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        ax[1].plot([r["step"] for r in rows], [r[k] for r in rows], label=k)
+    ax[1].set_title("DPO (sigmoid, beta 0.1)")
+    rows = [r for r in rl_rows if "loss" in r]
+    ax[2].plot([r["step"] for r in rows], [r["reward"] for r in rows], label="reward (RM) of samples")
+    ax2 = ax[2].twinx()
+    ax2.plot([r["step"] for r in rows], [r["kl"] for r in rows], color="tab:red", label="KL to reference")
+    ax2.axhline(kl_target, color="tab:red", ls="--", lw=0.8, label="KL target")
+    ax2.set_ylabel("KL (nats per sample)")
+    ax2.legend(loc="lower right")
+    ax[2].set_title("RLOO (k=4)")
+    for a in ax:
+        a.set_xlabel("step")
+        a.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=90)
+
+
+MEMORY_CHILD = """
+import resource, sys, torch
+from gpt2kit.model import GPT2, GPT2Config
+from gpt2kit.tokenizer import Tokenizer
+kind, d, data = sys.argv[1], sys.argv[2], sys.argv[3]
+torch.set_num_threads(2)
+o = {"max_steps": 3, "batch_size": 4, "block_size": 32, "warmup_steps": 1}
+if kind == "dpo":
+    from gpt2kit.align.dpo import train_dpo
+    train_dpo(d + "/big", data, d + "/out-dpo", overrides=o, val_fraction=0.0, log=lambda m: None)
+else:
+    from gpt2kit.post.finetune import finetune_jsonl
+    finetune_jsonl(d + "/big", data, d + "/out-ft", overrides=o, val_fraction=0.0, log=lambda m: None)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
+
+def memory(d: Path, pairs: Path) -> dict:
+    """Peak RSS (MiB) of DPO and of a plain fine-tune (one model + AdamW each) of the same model."""
+    import torch
+
+    from gpt2kit.model import GPT2, GPT2Config
+    from gpt2kit.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(d / "base")
+    cfg = GPT2Config(vocab_size=50257, n_ctx=64, n_layer=4, n_head=8, n_embd=512, dropout=0.0, attn_dropout=0.0,
+                     eos_token_id=tok.eos_id)
+    big = GPT2(cfg)
+    big.save_pretrained(d / "big", tokenizer=tok)
+    n = big.num_params()
+    sft = d / "pairs-as-sft.jsonl"
+    sft.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r["chosen"]}) + "\n"
+                           for r in metrics(pairs)))
+    del big
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    out = {"params": n, "weights_mib": n * 4 / 2**20}
+    for kind, data in (("finetune", sft), ("dpo", pairs)):
+        r = subprocess.run([sys.executable, "-c", MEMORY_CHILD, kind, str(d), str(data)], capture_output=True,
+                           text=True, check=True)
+        out[f"{kind}_peak_rss_mib"] = float(r.stdout.strip().splitlines()[-1])
+    out["dpo_minus_finetune_mib"] = out["dpo_peak_rss_mib"] - out["finetune_peak_rss_mib"]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=None, help="work directory (default: a temporary one)")
+    ap.add_argument("--plot", type=Path, default=Path("docs/align_curves.png"))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--kl-target", type=float, default=6.0)
+    ap.add_argument("--memory", action="store_true", help="also measure DPO's peak RSS (fresh processes)")
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from gpt2kit.align.dpo import train_dpo
+    from gpt2kit.align.reward import load_reward_model, score_texts
+    from gpt2kit.align.rlhf import train_rloo
+    from gpt2kit.post.finetune import finetune_jsonl
+
+    work = args.out or Path(tempfile.mkdtemp(prefix="gpt2kit-align-"))
+    work.mkdir(parents=True, exist_ok=True)
+    quiet = lambda m: None  # noqa: E731
+    t_all = time.perf_counter()
+    files = build_data(work, args.seed)
+    base = base_checkpoint(work, args.seed)
+    report: dict = {"machine": platform.processor() or platform.machine(), "threads": args.threads,
+                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+    t0 = time.perf_counter()
+    ft = finetune_jsonl(base, files["sft"], work / "sft", {"max_steps": 300, "lr": 3e-3, "warmup_steps": 20,
+                                                           "batch_size": 32, "block_size": 64}, log=quiet,
+                        overwrite=True)
+    sft = work / "sft" / "final"
+    report["sft"] = {"completion_loss_before": ft.before["val_loss"], "completion_loss_after": ft.after["val_loss"],
+                     "wall_s": time.perf_counter() - t0}
+
+    t0 = time.perf_counter()
+    rm = __import__("gpt2kit.align.reward", fromlist=["train_reward"]).train_reward(
+        sft, files["pairs"], work / "rm", {"max_steps": 300, "lr": 1e-3, "warmup_steps": 20, "batch_size": 32},
+        val_fraction=0.2, overwrite=True, log=quiet)
+    report["reward_model"] = {"val_accuracy_before": rm["val_accuracy_before"],
+                              "val_accuracy_after": rm["val_accuracy_after"], "wall_s": time.perf_counter() - t0}
+
+    t0 = time.perf_counter()
+    dpo = train_dpo(sft, files["pairs"], work / "dpo", beta=0.1, overrides={"max_steps": 150, "lr": 1e-3,
+                                                                            "warmup_steps": 10, "batch_size": 16},
+                    val_fraction=0.2, overwrite=True, log=quiet)
+    report["dpo"] = {"val_pref_accuracy_before": dpo["pref_accuracy_before"],
+                     "val_pref_accuracy_after": dpo["pref_accuracy_after"],
+                     "val_rewards/accuracies_after": dpo["rewards/accuracies_after"],
+                     "wall_s": time.perf_counter() - t0}
+
+    t0 = time.perf_counter()
+    rl = train_rloo(sft, str(work / "rm"), work / "rl", prompts_file=files["pairs"], k=4, beta=0.05,
+                    kl_target=args.kl_target, kl_horizon=400, max_new_tokens=16,
+                    overrides={"max_steps": 80, "lr": 1e-3, "warmup_steps": 5, "batch_size": 8}, eval_samples=128,
+                    overwrite=True, log=quiet)
+    rm_model, tok = load_reward_model(work / "rm")
+    report["rloo"] = {"rm_reward_before": rl["reward_before"], "rm_reward_after": rl["reward_after"],
+                      "kl_last10": rl["kl_last"], "kl_target": args.kl_target, "beta_final": rl["beta_final"],
+                      "wall_s": time.perf_counter() - t0}
+    # the rule itself on fresh samples of the SFT and RLOO policies (the RM is only its learned stand-in)
+    from gpt2kit.align.rlhf import sample
+    from gpt2kit.model import GPT2
+
+    prompts = [prompt_for(ANIMALS[i % len(ANIMALS)]) for i in range(128)]
+    for name, ck in (("sft", sft), ("rloo", work / "rl")):
+        m = GPT2.from_pretrained(ck)
+        _, comps = sample(m, tok, prompts, 16, seed=123)
+        texts = [tok.decode([t for t in c if t != tok.eos_id]) for c in comps]
+        report["rloo"][f"rule_reward_{name}"] = sum(rule_reward(prompts, texts)) / len(prompts)
+        report["rloo"][f"rm_reward_{name}_fixed_prompts"] = float(score_texts(rm_model, tok, prompts, texts).mean())
+        report["rloo"][f"example_{name}"] = prompts[1] + texts[1]
+    report["total_wall_s"] = time.perf_counter() - t_all
+    if args.plot:
+        plot(args.plot, metrics(work / "rm" / "metrics.jsonl"), metrics(work / "dpo" / "metrics.jsonl"),
+             metrics(work / "rl" / "metrics.jsonl"), args.kl_target)
+        report["plot"] = str(args.plot)
+    if args.memory:
+        report["dpo_memory"] = memory(work, files["pairs"])
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
