@@ -68,6 +68,7 @@ def test_parse_hub_id_maps_legacy_names_and_revisions():
     assert parse_hub_id("openai-community/gpt2-medium") == ("openai-community/gpt2-medium", None)
     assert parse_hub_id("user/repo@v1.0") == ("user/repo", "v1.0")
     assert parse_hub_id("runs/x/best") is None  # a path, not an id: two slashes
+    assert parse_hub_id("mistyped_dir") is None  # bare words other than the legacy names stay local paths
     assert parse_hub_id("../ckpt") is None
 
 

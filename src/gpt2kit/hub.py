@@ -54,7 +54,11 @@ def parse_hub_id(text: str) -> tuple[str, str | None] | None:
     if m is None or text.startswith(".") or ".." in text:
         return None
     name, owner = m.group("name"), m.group("owner")
-    repo = f"{owner}/{name}" if owner else LEGACY_IDS.get(name, name)
+    if owner is None and name not in LEGACY_IDS:
+        # a bare word is a mistyped local directory far more often than an owner-less hub repo (the hub
+        # moved those under organisations): no network for it
+        return None
+    repo = f"{owner}/{name}" if owner else LEGACY_IDS[name]
     return repo, m.group("rev")
 
 
