@@ -89,8 +89,9 @@ def _fast_bf16(device: str) -> bool:
 
     if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
         return torch.cuda.is_bf16_supported()
-    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
-    return bool(check and check())
+    from .precision import cpu_bf16_native
+
+    return cpu_bf16_native()[0]
 
 
 def run_main_job(overrides: dict[str, Any], overwrite: bool = False) -> int:

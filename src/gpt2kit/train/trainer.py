@@ -35,6 +35,7 @@ from . import checkpoint as ckpt
 from . import distributed as dist_api
 from .config import TrainConfig, build_config, flag_name, read_toml, to_toml
 from .optim import lr_at, param_groups, set_lr
+from .precision import cpu_dtype
 
 
 def _say(message: str) -> None:
@@ -412,6 +413,7 @@ class Trainer:
         self.meta = read_meta(cfg.data.data)
         mc = model_config_from(cfg, self.meta)
         self.tokenizer = _load_tokenizer(cfg, self.meta)
+        r.dtype = cpu_dtype(r.dtype, self.device.type, self.log if self.env.is_main else (lambda m: None))
         self.autocast = _autocast_factory(r.dtype, self.device)
         sampler = parse_seq_len_sampler(cfg.data.seq_len) if cfg.data.seq_len else None
         if sampler is not None and getattr(sampler, "max_len", 0) > cfg.data.block_size:
