@@ -63,3 +63,20 @@ def test_submit_is_all_or_nothing_when_the_queue_is_full(loaded):
     s.submit([seq(), seq()])
     with pytest.raises(QueueFull):
         s.submit([seq()])
+
+
+@pytest.mark.parametrize("layers", [("sliding", "dense"), ("linear", "fixed")])
+def test_attention_variants_batched_equal_alone(loaded, layers):
+    from gpt2kit.model import GPT2, GPT2Config
+
+    _, tok = loaded
+    torch.manual_seed(1)
+    cfg = GPT2Config(vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, n_ctx=128, n_layer=2, n_head=2, n_embd=32,
+                     attention_layers=layers, window=8, attention_block=8, attention_summary=2)
+    model = GPT2(cfg).eval()
+    g = torch.Generator().manual_seed(2)
+    lengths = [5, 30, 2, 17]
+    prompts = [torch.randint(0, tok.vocab_size - 1, (n,), generator=g).tolist() for n in lengths]
+    params = [SamplingParams(max_tokens=12 + 2 * i, temperature=0, ignore_eos=True) for i in range(len(lengths))]
+    alone = [run_all(model, tok, [p], [q], 1)[0] for p, q in zip(prompts, params)]
+    assert run_all(model, tok, prompts, params, 2) == alone
