@@ -95,7 +95,8 @@ class Tokenizer:
         cls, path: str | os.PathLike, engine: Literal["tiktoken", "python"] = "tiktoken"
     ) -> Tokenizer:
         """Load from a directory holding `encoder.json`+`vocab.bpe` (OpenAI), `vocab.json`+`merges.txt`
-        (Hugging Face / gpt2kit checkpoint; its `gpt2kit.json` supplies the saved pre-processing), or a
+        (Hugging Face / gpt2kit checkpoint; its `gpt2kit.json` supplies the saved pre-processing), or only a
+        `tokenizer.json` (a GPT-2-style byte-level BPE; other kinds are refused), or a
         tiktoken rank file `*.tiktoken` (with `<|endoftext|>` after the last rank), or a hub id (gpt2kit.hub)."""
         from ..errors import require_dir
         from ..fileio import read_json
@@ -109,9 +110,14 @@ class Tokenizer:
             ranks, merges, special = read_vocab_and_merges(d / "vocab.json", d / "merges.txt")
         elif (d / "encoder.json").exists() and (d / "vocab.bpe").exists():
             ranks, merges, special = read_vocab_and_merges(d / "encoder.json", d / "vocab.bpe")
+        elif (d / "tokenizer.json").exists():
+            from .io import read_tokenizer_json
+
+            ranks, merges, special = read_tokenizer_json(d / "tokenizer.json")
         else:
             raise UserError(
-                f"{d}: no tokenizer files (expected vocab.json + merges.txt, or encoder.json + vocab.bpe)"
+                f"{d}: no tokenizer files (expected vocab.json + merges.txt, encoder.json + vocab.bpe, "
+                "or a GPT-2-style tokenizer.json)"
             )
         settings: dict = {}
         if (d / "gpt2kit.json").exists():

@@ -1,5 +1,5 @@
-"""Tokenizer file formats: GPT-2 `encoder.json`+`vocab.bpe`, Hugging Face `vocab.json`+`merges.txt`, and
-tiktoken's rank file.
+"""Tokenizer file formats: GPT-2 `encoder.json`+`vocab.bpe`, Hugging Face `vocab.json`+`merges.txt` (or a
+GPT-2-style `tokenizer.json` alone, read only), and tiktoken's rank file.
 
 In memory a tokenizer is three things: `ranks` (token bytes -> id for the 256 single bytes and every merge
 result), `merges` (ordered list of (bytes, bytes)), and `special_tokens` (text -> id). The GPT-2 and HF
@@ -90,6 +90,12 @@ def read_vocab_and_merges(
             raise UserError(f"{merges_path}:{lineno}: {e.args[0]}") from None
         merged_strings.add(parts[0] + parts[1])
 
+    return _split_vocab(vocab, merges, merged_strings, f"{vocab_path.name} + {merges_path.name} in {vocab_path.parent}")
+
+
+def _split_vocab(
+    vocab: dict[str, int], merges: list[tuple[bytes, bytes]], merged_strings: set[str], where: str
+) -> tuple[dict[bytes, int], list[tuple[bytes, bytes]], dict[str, int]]:
     ranks: dict[bytes, int] = {}
     special_tokens: dict[str, int] = {}
     single_bytes = {token_to_unicode(bytes([b])) for b in range(256)}
@@ -98,8 +104,64 @@ def read_vocab_and_merges(
             ranks[unicode_to_token(text)] = idx
         else:  # not reachable by merging: an added (special) token such as <|endoftext|>
             special_tokens[text] = idx
-    check_ranks_follow_merges(ranks, merges, f"{vocab_path.name} + {merges_path.name} in {vocab_path.parent}")
+    check_ranks_follow_merges(ranks, merges, where)
     return ranks, merges, special_tokens
+
+
+def _gpt2_style(data: dict, where: str) -> None:
+    """Refuse tokenizer.json files that are not GPT-2's kind: BPE over bytes with GPT-2's pre-tokenizer."""
+    model = data.get("model") or {}
+    if model.get("type") != "BPE":
+        raise UserError(f"{where}: a {model.get('type')!r} tokenizer; only byte-level BPE (GPT-2 style) is supported")
+    pre = data.get("pre_tokenizer") or {}
+    if pre.get("type") != "ByteLevel" or not pre.get("use_regex", True) or pre.get("add_prefix_space"):
+        raise UserError(f"{where}: pre-tokenizer {json.dumps(pre)[:120]} is not GPT-2's (ByteLevel with its regex, "
+                        "no prefix space); only GPT-2-style byte-level BPE is supported")
+    if data.get("normalizer") is not None:
+        raise UserError(f"{where}: a normalizer ({data['normalizer'].get('type')}) is not supported "
+                        "(GPT-2-style byte-level BPE has none)")
+    for key in ("continuing_subword_prefix", "end_of_word_suffix"):
+        if model.get(key):
+            raise UserError(f"{where}: BPE with a {key} ({model[key]!r}) is not byte-level GPT-2 style")
+    if model.get("byte_fallback") or model.get("dropout"):
+        raise UserError(f"{where}: BPE with byte_fallback or dropout is not byte-level GPT-2 style")
+
+
+def read_tokenizer_json(
+    path: str | Path,
+) -> tuple[dict[bytes, int], list[tuple[bytes, bytes]], dict[str, int]]:
+    """(ranks, merges, special_tokens) from a Hugging Face `tokenizer.json` holding a GPT-2-style
+    byte-level BPE (its model's vocab and merges, and the added tokens); other kinds are refused."""
+    path = require_file(path, "tokenizer.json")
+    where = str(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{where}: not JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: expected a JSON object")
+    _gpt2_style(data, where)
+    vocab = dict(data["model"].get("vocab") or {})
+    merges: list[tuple[bytes, bytes]] = []
+    merged_strings: set[str] = set()
+    for i, m in enumerate(data["model"].get("merges") or []):
+        parts = m.split(" ") if isinstance(m, str) else m  # "a b" (older files) or ["a", "b"]
+        if not isinstance(parts, list) or len(parts) != 2 or not all(isinstance(x, str) and x for x in parts):
+            raise UserError(f"{where}: merge {i + 1} is not a pair of tokens: {m!r}")
+        try:
+            merges.append((unicode_to_token(parts[0]), unicode_to_token(parts[1])))
+        except KeyError as e:
+            raise UserError(f"{where}: merge {i + 1}: {e.args[0]}") from None
+        merged_strings.add(parts[0] + parts[1])
+    for tok in data.get("added_tokens") or []:
+        if isinstance(tok, dict) and isinstance(tok.get("content"), str) and isinstance(tok.get("id"), int):
+            if vocab.get(tok["content"], tok["id"]) != tok["id"]:
+                raise UserError(f"{where}: added token {tok['content']!r} has id {tok['id']} but the vocabulary "
+                                f"gives {vocab[tok['content']]}")
+            vocab[tok["content"]] = tok["id"]
+    if len(set(vocab.values())) != len(vocab):
+        raise UserError(f"{where}: two tokens share an id")
+    return _split_vocab(vocab, merges, merged_strings, where)
 
 
 def write_vocab_and_merges(
