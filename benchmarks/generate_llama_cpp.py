@@ -4,8 +4,8 @@
 
 DIR holds llama.cpp's `llama-bench` and `llama-quantize` (in DIR, DIR/bin or DIR/build/bin) and its
 `convert_hf_to_gguf.py` + `gguf-py/`. Random gpt2-preset weights (speed does not depend on them) are
-saved as a gpt2kit checkpoint, converted to GGUF f32 by llama.cpp's own converter, then `llama-quantize`d
-to q8_0 and q4_0. Pairs, timed in the same rounds: our float32 vs f32, our int8 per channel vs q8_0, our
+saved as a gpt2kit checkpoint, exported to GGUF f32 by `gpt2kit.export.gguf` (llama.cpp's own converter
+where that module is absent), then `llama-quantize`d to q8_0 and q4_0. Pairs, timed in the same rounds: our float32 vs f32, our int8 per channel vs q8_0, our
 int4 group 32 vs q4_0 (q4_0 is int4 in blocks of 32). Decode: a 32-token prompt then 128 new tokens,
 ours greedy through `gpt2kit.generate` (prefill left out of the rate), llama.cpp's `llama-bench -n 128`
 (token generation alone); prefill: 512 tokens (`llama-bench -p 512`; ours: one forward, last logits).
@@ -93,10 +93,17 @@ def build_models(tools, work: Path) -> dict[str, Path]:
     for name, spec in (("int8", QuantSpec.default(8)), ("int4", QuantSpec.default(4, group_size=32))):
         paths[name] = work / f"ours-{name}"
         quantize_checkpoint(paths["float32"], paths[name], spec, log=lambda *a, **k: None)
-    env = {**os.environ, "PYTHONPATH": str(tools["convert"].parent / "gguf-py")}
     paths["f32"] = work / "gpt2-f32.gguf"
-    subprocess.run([sys.executable, str(tools["convert"]), str(paths["float32"]), "--outtype", "f32",
-                    "--outfile", str(paths["f32"])], check=True, capture_output=True, env=env)
+    try:  # gpt2kit's own exporter (tests prove it bitwise equal to llama.cpp's converter at this shape)
+        from gpt2kit.export.gguf import export_gguf
+
+        export_gguf(model, tok, paths["f32"], dtype="f32")
+        paths["exporter"] = "gpt2kit export --format gguf --dtype f32"
+    except ImportError:
+        env = {**os.environ, "PYTHONPATH": str(tools["convert"].parent / "gguf-py")}
+        subprocess.run([sys.executable, str(tools["convert"]), str(paths["float32"]), "--outtype", "f32",
+                        "--outfile", str(paths["f32"])], check=True, capture_output=True, env=env)
+        paths["exporter"] = "llama.cpp convert_hf_to_gguf.py --outtype f32"
     for q in ("q8_0", "q4_0"):
         paths[q] = work / f"gpt2-{q}.gguf"
         subprocess.run([str(tools["llama-quantize"]), str(paths["f32"]), str(paths[q]), q], check=True,
@@ -214,7 +221,7 @@ def run(args) -> dict:
             "benchmark": "generate-vs-llama.cpp",
             "setup": {"preset": "gpt2", "batch": 1, "prompt_len": PROMPT, "new_tokens": NEW, "prefill": PREFILL,
                       "threads": args.threads, "rounds": args.rounds, "decoding": "greedy",
-                      "gguf": "llama.cpp convert_hf_to_gguf.py --outtype f32, llama-quantize q8_0 / q4_0",
+                      "gguf": f"{paths['exporter']}, then llama-quantize q8_0 / q4_0",
                       "ours": "float32; int8 per channel; int4 group 32 (gpt2kit quantize)"},
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "aten_cpu_capability_env": os.environ.get("ATEN_CPU_CAPABILITY"),
