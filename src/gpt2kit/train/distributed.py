@@ -25,7 +25,7 @@ import contextlib
 import datetime
 import os
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -282,6 +282,39 @@ def wrap_model(
     # The root group holds what no block owns: wte (tied with lm_head: one tensor, one group), wpe, ln_f.
     # It is needed again as soon as backward starts, so keep it gathered after forward.
     fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=mp)
+    return model
+
+
+def shard_from_meta(
+    build: Callable[[], nn.Module],
+    full_state: Callable[[], dict[str, torch.Tensor]],
+    env: DistEnv,
+    reshard_after_forward: bool = True,
+    mixed_precision: str | torch.dtype | None = None,
+) -> nn.Module:
+    """An FSDP model without the whole model on every rank: `build()` runs on the meta device (no
+    memory), `fully_shard` splits it, `to_empty` gives each rank storage for its shards only, and rank
+    0's `full_state()` (a fresh initialisation or a checkpoint's weights, called on rank 0 alone) is
+    broadcast shard by shard. The weights equal those of building the full model on every rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    with torch.device("meta"):
+        model = build()
+    tied = [(m, name) for m in model.modules() for name, p in m.named_parameters(recurse=False)]
+    owners: dict[int, tuple[nn.Module, str]] = {}
+    ties: list[tuple[nn.Module, str, nn.Module, str]] = []
+    for m, name in tied:  # remember which parameters are one tensor (GPT-2's tied head)
+        p = getattr(m, name)
+        if id(p) in owners:
+            ties.append((m, name, *owners[id(p)]))
+        else:
+            owners[id(p)] = (m, name)
+    model = wrap_model(model, "fsdp", env, reshard_after_forward, mixed_precision)
+    model.to_empty(device=env.device)
+    for m, name, owner, owner_name in ties:  # to_empty converts each module's reference on its own
+        setattr(m, name, getattr(owner, owner_name))
+    state = full_state() if env.is_main else {}
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model
 
 

@@ -424,7 +424,17 @@ class Trainer:
         if resume:
             resume_dir, state = self._find_resume()
         torch.manual_seed(r.seed)  # identical initial weights on every rank (FSDP shards what each holds)
-        model = self._build_model(mc, resume_dir)
+        sharded = None
+        if self.env.world_size > 1 and r.strategy == "fsdp" and not r.expert_parallel:
+            # no whole model on every rank: built on meta, sharded, rank 0's weights broadcast shard by shard
+            from ..model import GPT2
+
+            def full_state() -> dict[str, torch.Tensor]:
+                torch.manual_seed(r.seed)
+                return self._build_model(mc, resume_dir).state_dict()
+
+            sharded = dist_api.shard_from_meta(lambda: GPT2(mc), full_state, self.env, r.reshard_after_forward, r.dtype)
+        model = self._build_model(mc, resume_dir) if sharded is None else dist_api.unwrap(sharded)
         self.model_config = model.config
         self.bare = model
         model.gradient_checkpointing = cfg.model.grad_checkpointing
@@ -434,7 +444,7 @@ class Trainer:
 
             enable_expert_parallel(model, self.env.rank, self.env.world_size,
                                    r.strategy if self.env.world_size > 1 else "ddp")
-        self.model = dist_api.wrap_model(
+        self.model = sharded if sharded is not None else dist_api.wrap_model(
             model, r.strategy if self.env.world_size > 1 else "none", self.env,
             reshard_after_forward=r.reshard_after_forward,
             mixed_precision=r.dtype if r.strategy == "fsdp" else None,
