@@ -1,6 +1,6 @@
 """The alignment path end to end on a tiny model, with data built from a rule: SFT -> RM -> DPO -> RLOO.
 
-  python benchmarks/alignment.py [--out DIR] [--plot docs/align_curves.png] [--memory]
+  python benchmarks/alignment.py [--out DIR] [--plot docs/align_curves.png] [--memory | --memory-only]
 
 The language: sentences "the <animal> <verb> on the <place>." The prompt asks for an animal
 ("write about the cat:"). SFT teaches the form only (its completion names a random animal), so the SFT
@@ -169,6 +169,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--kl-target", type=float, default=6.0)
     ap.add_argument("--memory", action="store_true", help="also measure DPO's peak RSS (fresh processes)")
+    ap.add_argument("--memory-only", action="store_true", help="only the DPO peak RSS measurement")
     args = ap.parse_args()
     import torch
 
@@ -187,6 +188,9 @@ def main() -> None:
     report: dict = {"machine": platform.processor() or platform.machine(), "threads": args.threads,
                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
+    if args.memory_only:
+        print(json.dumps(report | {"dpo_memory": memory(work, files["pairs"])}, indent=2))
+        return
     t0 = time.perf_counter()
     ft = finetune_jsonl(base, files["sft"], work / "sft", {"max_steps": 300, "lr": 3e-3, "warmup_steps": 20,
                                                            "batch_size": 32, "block_size": 64}, log=quiet,
