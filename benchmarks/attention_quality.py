@@ -4,8 +4,8 @@
 
 The same data as benchmarks/train_shakespeare.py (BPE 1024 learned on the first 90% of the characters,
 the last 10% validate), a 4-layer d=128 model with n_ctx = block = T, batch 4, lr 1e-3 cosine, the same
-seed for every variant: dense, sliding (window T/4), fixed (block T/4, 8 summary columns), a hybrid
-(three sliding layers, the last one dense) and linear. Validation covers --eval-batches x 8 windows.
+seed for every variant: dense, sliding (window T/4), fixed (block T/4, one summary column: the train flags
+set no other), a hybrid (three sliding layers, the last one dense) and linear. Validation covers --eval-batches x 8 windows.
 """
 
 from __future__ import annotations
