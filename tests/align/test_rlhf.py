@@ -27,8 +27,8 @@ def test_rloo_raises_the_reward(tmp_path):
     from gpt2kit.model import GPT2
 
     init = tiny_checkpoint(tmp_path / "init")
-    r = train_rloo(init, says_a_lot_of_a, tmp_path / "out", k=4, beta=0.01, max_new_tokens=12,
-                   overrides={"max_steps": 30, "lr": 1e-2, "warmup_steps": 1, "batch_size": 4, "schedule": "constant"}, eval_samples=32,
+    r = train_rloo(init, says_a_lot_of_a, tmp_path / "out", k=4, beta=0.01, max_new_tokens=8,
+                   overrides={"max_steps": 30, "lr": 1e-2, "warmup_steps": 1, "batch_size": 4, "schedule": "constant"}, eval_samples=24,
                    log=lambda m: None)
     assert r["reward_after"] > r["reward_before"] + 0.5, r
     GPT2.from_pretrained(tmp_path / "out")  # a checkpoint the rest of gpt2kit opens
