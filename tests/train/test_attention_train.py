@@ -94,3 +94,27 @@ def test_bad_attention_flags_are_one_line_exit_2(shards, tmp_path, capsys, flags
     assert cli_main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_torchrun_two_ranks_train_a_variant(shards, tmp_path, strategy):
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                           "MASTER_PORT")} | {"OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "gpt2kit",
+           "train", "--data", str(shards), "--out", str(run), "--preset", "gpt2-tiny", "--n-layer", "2",
+           "--n-head", "2", "--n-embd", "32", "--n-ctx", "64", "--block-size", "32", "--batch-size", "2",
+           "--max-steps", "2", "--save-every", "2", "--eval-every", "2", "--eval-batches", "1", "--device", "cpu",
+           "--threads", "1", "--progress", "false", "--attention-layers", "sliding,linear", "--window", "8",
+           "--strategy", strategy]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg = json.loads((run / "step-000002" / "config.json").read_text())
+    assert cfg["gpt2kit_variant"]["attention_layers"] == ["sliding", "linear"]
+    state = torch.load(run / "step-000002" / "trainer_state.pt", weights_only=True)
+    assert state["world_size"] == 2
