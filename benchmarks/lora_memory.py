@@ -26,9 +26,10 @@ def _setup(work: Path) -> tuple[Path, Path]:
     base, shards = work / "base", work / "shards"
     if not (base / "model.safetensors").is_file():
         GPT2(GPT2Config.from_preset("gpt2")).save_pretrained(base, tokenizer=Tokenizer.from_pretrained(DATA / "gpt2"))
-    if not (shards / "meta.json").is_file():
+    if not (shards / "meta.json").is_file() or not json.loads((shards / "meta.json").read_text())["splits"]["val"]["tokens"]:
         subprocess.run([sys.executable, "-m", "gpt2kit", "data", "prepare", "--input", str(DATA / "tinyshakespeare.txt"),
-                        "--tokenizer", str(base), "--out", str(shards), "--split-on", "\n\n", "--quiet",
+                        "--tokenizer", str(base), "--out", str(shards), "--split-on", "\n\n", "--val-fraction", "0.1",
+                        "--quiet",
                         "--overwrite"], check=True)
     return base, shards
 
