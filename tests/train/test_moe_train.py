@@ -6,21 +6,10 @@ import json
 
 import pytest
 from train_helpers import assert_bitwise_equal, cli_main, params_of, tiny_flags, write_shards
-
-from gpt2kit.train.config import build_config
-from gpt2kit.train.trainer import Trainer, resolve_config
+from train_helpers import run_training as _run
 
 MOE = dict(moe_experts=4, moe_top_k=2, moe_capacity_factor=1.0, grad_accum=2, max_steps=8, eval_every=4,
            save_every=4)
-
-
-def _run(flags: dict, resume: bool = False, stop_after: int | None = None):
-    cfg = resolve_config(flags, resume=True) if resume else build_config(flags)
-    trainer = Trainer(cfg, resume=resume)
-    try:
-        return trainer.fit(stop_after=stop_after)
-    finally:
-        trainer.close()
 
 
 @pytest.fixture(scope="module")

@@ -8,22 +8,11 @@ import math
 import pytest
 import torch
 from train_helpers import assert_bitwise_equal, params_of, tiny_flags, write_shards
+from train_helpers import run_training as _run
 
 from gpt2kit.errors import UserError
 from gpt2kit.train.checkpoint import list_step_dirs
-from gpt2kit.train.config import build_config
-from gpt2kit.train.trainer import Trainer, count_targets, forward_backward, resolve_config
-
-
-def _run(flags: dict, resume: bool = False, stop_after: int | None = None, hook=None):
-    cfg = resolve_config(flags, resume=True) if resume else build_config(flags)
-    trainer = Trainer(cfg, resume=resume)
-    if hook is not None:
-        trainer.bare.register_forward_hook(hook)
-    try:
-        return trainer.fit(stop_after=stop_after)
-    finally:
-        trainer.close()
+from gpt2kit.train.trainer import count_targets, forward_backward
 
 
 @pytest.fixture(scope="module")

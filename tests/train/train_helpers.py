@@ -89,3 +89,18 @@ if __name__ == "__main__":
     import sys
 
     sys.exit(cli_main(sys.argv[1:]))
+
+
+def run_training(flags: dict, resume: bool = False, stop_after: int | None = None, hook=None):
+    """Train with `flags` (or resume the run in flags['out']); `hook` is a forward hook on the bare model."""
+    from gpt2kit.train.config import build_config
+    from gpt2kit.train.trainer import Trainer, resolve_config
+
+    cfg = resolve_config(flags, resume=True) if resume else build_config(flags)
+    trainer = Trainer(cfg, resume=resume)
+    if hook is not None:
+        trainer.bare.register_forward_hook(hook)
+    try:
+        return trainer.fit(stop_after=stop_after)
+    finally:
+        trainer.close()
