@@ -62,6 +62,7 @@ class DataCfg:
 
 @dataclass
 class OptimCfg:
+    optimizer: str = "adamw"  # adamw | muon (Muon on the hidden matrices, AdamW on the rest: train/muon.py)
     lr: float = 6e-4  # peak learning rate
     schedule: str = "cosine"  # cosine | inverse_sqrt | constant
     warmup_steps: int = 100
@@ -112,6 +113,7 @@ SECTIONS: dict[str, type] = {"model": ModelCfg, "data": DataCfg, "optim": OptimC
 CHOICES: dict[str, tuple[str, ...]] = {
     "mode": ("packed", "padded"),
     "schedule": ("cosine", "inverse_sqrt", "constant"),
+    "optimizer": ("adamw", "muon"),
     "dtype": ("fp32", "bf16", "fp16"),
     "strategy": ("ddp", "fsdp", "zero1"),
     "attention": ("dense", "sliding", "fixed", "linear"),
@@ -131,6 +133,7 @@ HELP: dict[str, str] = {
     "seq_len": "dynamic lengths: uniform:64,128,256 | uniform:128@1,256@3 | schedule:0=128,1000=256",
     "eval_batch_size": "validation batch size (0: --batch-size)",
     "eval_batches": "validation batches per evaluation (0: the whole split)",
+    "optimizer": "adamw, or muon (Muon on hidden matrices, AdamW on embeddings/biases/LayerNorms; one lr)",
     "lr": "peak learning rate", "schedule": "cosine | inverse_sqrt | constant",
     "warmup_steps": "linear warm-up steps", "min_lr": "floor of the cosine schedule",
     "beta1": "AdamW beta1", "beta2": "AdamW beta2", "eps": "AdamW epsilon",

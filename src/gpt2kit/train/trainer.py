@@ -450,13 +450,15 @@ class Trainer:
             mixed_precision=r.dtype if r.strategy == "fsdp" else None,
         )
         o = cfg.optim
-        groups = param_groups(dist_api.unwrap(self.model), o.weight_decay)
-        adamw: dict[str, Any] = {"lr": o.lr, "betas": (o.beta1, o.beta2), "eps": o.eps}
-        fused = self.device.type in ("cpu", "cuda")
-        adamw.update({"fused": True} if fused else {"foreach": True})
-        self.optimizer = dist_api.build_optimizer(
-            self.model, groups, r.strategy if self.env.world_size > 1 else "none", self.env, **adamw
-        )
+        strategy = r.strategy if self.env.world_size > 1 else "none"
+        if o.optimizer == "muon":
+            self.optimizer = _build_muon(self.model, o, strategy)
+        else:
+            groups = param_groups(dist_api.unwrap(self.model), o.weight_decay)
+            adamw: dict[str, Any] = {"lr": o.lr, "betas": (o.beta1, o.beta2), "eps": o.eps}
+            fused = self.device.type in ("cpu", "cuda")
+            adamw.update({"fused": True} if fused else {"foreach": True})
+            self.optimizer = dist_api.build_optimizer(self.model, groups, strategy, self.env, **adamw)
         self.scaler = torch.amp.GradScaler("cuda") if r.dtype == "fp16" else None
         self.step_model = torch.compile(self.model) if r.compile else self.model
 
@@ -854,6 +856,17 @@ class Trainer:
 
     def close(self) -> None:
         dist_api.cleanup()
+
+
+def _build_muon(model: torch.nn.Module, o, strategy: str) -> torch.optim.Optimizer:
+    """Muon + AdamW (train/muon.py). It needs whole matrices: DDP and one process, not FSDP's or ZeRO's shards."""
+    if strategy in ("fsdp", "zero1"):
+        raise UserError(f"--optimizer muon works with one process or --strategy ddp, not --strategy {strategy} "
+                        "(it orthogonalises whole matrices, which those strategies shard)")
+    from .muon import Muon, muon_param_groups
+
+    groups = muon_param_groups(dist_api.unwrap(model), o.weight_decay)
+    return Muon(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
 
 
 def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> TrainResult:
