@@ -7,8 +7,13 @@ Command modules import torch and friends inside `run`, so `gpt2kit --help` stays
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import json
+import os
 import sys
+import time
+from pathlib import Path
 
 from . import __version__
 from .errors import UserError
@@ -67,6 +72,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def report_error(line: str) -> None:
+    """One line on stderr. Under torchrun every rank exits 2 on the same bad input: rank 0 prints the
+    line, and each rank also writes it to torchrun's error file (TORCHELASTIC_ERROR_FILE), where
+    torchrun's failure summary shows it per rank, so an error only one rank sees is not lost either.
+    torchrun itself then exits 1 (its ChildFailedError for any failed worker), listing `exitcode: 2`."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        with contextlib.suppress(OSError):
+            # torchrun's own layout (error_handler.record_exception); its summary prints py_callstack
+            info = {"py_callstack": line, "timestamp": str(int(time.time()))}
+            Path(error_file).write_text(json.dumps({"message": {"message": line, "extraInfo": info}}))
+    if not error_file or os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
@@ -78,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = args._run(args)
     except UserError as e:
-        print(f"gpt2kit {args.command}: error: {e}", file=sys.stderr)
+        report_error(f"gpt2kit {args.command}: error: {e}")
         return 2
     except KeyboardInterrupt:
         print(f"gpt2kit {args.command}: interrupted", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Expert parallelism: 2 Gloo ranks (experts' compute sharded, tokens exchanged all-to-all) == one process."""
+"""Expert parallelism: 2 Gloo ranks (experts sharded, tokens exchanged all-to-all) == one process."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from gpt2kit.errors import UserError
 from gpt2kit.model.config import GPT2Config
 from gpt2kit.model.gpt2 import GPT2Network
-from gpt2kit.train.expert_parallel import enable_expert_parallel
+from gpt2kit.train.expert_parallel import shard_experts
 
 SCRIPT = Path(__file__).parent / "dist_scripts" / "ep_parity.py"
 
@@ -30,6 +30,14 @@ def test_two_expert_parallel_ranks_match_one_process_after_10_steps(tmp_path):
     ep = torch.load(tmp_path / "ep2.pt", weights_only=True)
     assert single.keys() == ep.keys()
     assert max((single[k] - ep[k]).abs().max().item() for k in single) < 1e-6
+    # each rank held half the experts and half their AdamW state, all of the rest; the clip was global
+    one = torch.load(tmp_path / "single.rank0.sizes.pt", weights_only=True)
+    for rank in (0, 1):
+        mine = torch.load(tmp_path / f"ep2.rank{rank}.sizes.pt", weights_only=True)
+        assert 2 * mine["expert_params"] == one["expert_params"] and mine["dense_params"] == one["dense_params"]
+        assert 2 * mine["expert_optim"] == one["expert_optim"]  # AdamW's moments and step of 2 of the 4 experts
+        assert mine["dense_optim"] == one["dense_optim"]
+        assert mine["norm"] > 0.5 and abs(mine["norm"] - one["norm"]) < 1e-9  # clipping at 0.5 was active
     # and training moved the experts (the comparison is not between two untouched models)
     torch.manual_seed(0)
     init = _model_like_script().state_dict()
@@ -51,9 +59,26 @@ def _model(E: int) -> GPT2Network:
 
 def test_experts_not_divisible_by_the_world_size_is_one_line():
     with pytest.raises(UserError, match="moe_experts=4 is not divisible by the world size 3"):
-        enable_expert_parallel(_model(4), 0, 3, "ddp")
+        shard_experts(_model(4), 0, 3, "ddp")
     with pytest.raises(UserError, match="needs an MoE model"):
-        enable_expert_parallel(GPT2Network(GPT2Config.from_preset("gpt2-tiny")), 0, 2, "ddp")
-    with pytest.raises(UserError, match="ddp or zero1"):
-        enable_expert_parallel(_model(4), 0, 2, "fsdp")
-    assert enable_expert_parallel(_model(4), 0, 2, "ddp") == 2
+        shard_experts(GPT2Network(GPT2Config.from_preset("gpt2-tiny")), 0, 2, "ddp")
+    for strategy in ("fsdp", "zero1"):
+        with pytest.raises(UserError, match="composes with --strategy ddp"):
+            shard_experts(_model(4), 0, 2, strategy)
+    assert shard_experts(_model(4), 0, 1, "ddp") is None  # one process: nothing to shard
+
+
+def test_a_rank_keeps_its_experts_under_their_one_process_names():
+    torch.manual_seed(0)
+    full = _model(4)
+    torch.manual_seed(0)
+    model = _model(4)
+    shards = shard_experts(model, 1, 2, "ddp")
+    names = [n for n in model.state_dict() if ".experts." in n and n.endswith("c_fc.weight")]
+    assert names == [f"transformer.h.{i}.mlp.experts.{e}.c_fc.weight" for i in (0, 1) for e in (2, 3)]
+    ref = full.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in model.state_dict().items())  # the same weights as one process
+    assert shards.num_params(sum(p.numel() for p in model.parameters())) == full.num_params()
+    assert sorted(model._ddp_params_and_buffers_to_ignore) == sorted(
+        n for n, _ in model.named_parameters() if ".experts." in n)  # DDP leaves the experts alone
+    assert len(model.transformer.h[0].mlp.experts) == 2 and model.transformer.h[0].mlp.experts[3] is not None

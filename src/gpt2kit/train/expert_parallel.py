@@ -1,35 +1,72 @@
-"""Expert parallelism under torchrun: each rank computes E / W of every MoE layer's experts.
+"""Expert parallelism under torchrun: each rank holds, trains and stores E / W of every MoE layer's experts.
 
-Rank r owns experts [r * E/W, (r + 1) * E/W). Every rank routes its own tokens (the router and everything
-else are data parallel), then one all_to_all_single sends each assignment's hidden state to the rank of its
-expert, the owners run their experts, and a second all_to_all_single brings the outputs back (both through
-torch.distributed.nn, so the backward exchanges the gradients the same way). Capacity, priority and the aux
-losses stay per rank, exactly as for one process with the ranks' batches as micro-batches.
+Rank r owns experts [r * E/W, (r + 1) * E/W) of every MoE layer and keeps only those (weights, gradients,
+AdamW state): `shard_experts` drops the others from its model. The expert-parallel group is the whole job,
+so the rest of the model (attention, router, embeddings, dense MLPs) is data parallel over the same ranks.
 
-Weights stay replicated: an expert's gradient is non-zero on its owner only (it holds the contributions of
-every rank's tokens), and the data-parallel all-reduce (DDP's mean) turns it into the global mean on every
-rank. So checkpoints, the optimizer state and resume are those of plain DDP. What is sharded is the expert
-compute and activation memory, not the expert weights.
+Forward: every rank routes its own tokens (capacity, priority and the aux losses stay per rank, exactly
+as for one process with the ranks' batches as micro-batches), one all_to_all_single sends each kept
+assignment's hidden state to the rank of its expert, the owners run their experts, and a second
+all_to_all_single brings the outputs back. Both go through torch.distributed.nn, so the backward
+exchanges the gradients the same way and an expert's gradient on its owner already holds every rank's
+tokens. Gloo (CPU) and NCCL both implement all_to_all_single.
+
+Gradients: DDP ignores the expert parameters (they differ per rank, so averaging them would mix
+different experts); everything else is all-reduced by DDP as usual. The trainer scales each rank's loss
+by W for DDP's mean, so an expert gradient is divided by W here (a tensor hook). The gradient-norm clip
+adds the ranks' expert norms (an all-reduce of the squared norm).
+
+Checkpoints: `gather_state_dict` sends the experts to rank 0 one tensor at a time, which writes the same
+HF-style directory as a one-process run (eval / generate / quantize load it unchanged). The optimizer
+state goes through torch.distributed.checkpoint keyed by parameter name like DDP's, each rank writing
+its own experts' state, so an expert-parallel run resumes in one process, under DDP, or under expert
+parallel again (bitwise on CPU with the same world size).
 """
 
 from __future__ import annotations
 
+import re
 import warnings
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
+from torch import nn
 
 from ..errors import UserError
 from ..model.moe import MoEMLP, Routing, moe_layers
+from . import distributed as dist_api
+
+_EXPERT = re.compile(r"\.experts\.(\d+)\.")
+
+
+class LocalExperts(nn.Module):
+    """This rank's experts of one MoE layer, registered under their global indices, so parameter names
+    are the one-process model's (`...mlp.experts.2.c_fc.weight`) and `experts[e]` takes a global e."""
+
+    def __init__(self, experts: dict[int, nn.Module]):
+        super().__init__()
+        for e, module in experts.items():
+            self.add_module(str(e), module)
+
+    def __getitem__(self, e: int) -> nn.Module:
+        return self._modules[str(e)]
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __iter__(self):
+        return iter(self._modules.values())
 
 
 class ExpertExchange:
     """Installed as `MoEMLP.expert_parallel`: `(layer, xf [N, C], plan) -> expert outputs [M, C]`, in
     the plan's order (grouped by expert), like `layer.run_experts` in one process."""
 
-    def __init__(self, rank: int, world_size: int, group=None):
-        self.rank, self.world, self.group = rank, world_size, group
+    def __init__(self, rank: int, world_size: int):
+        self.rank, self.world = rank, world_size
 
     def __call__(self, layer: MoEMLP, xf: torch.Tensor, plan: Routing) -> torch.Tensor:
         with warnings.catch_warnings():  # torch.distributed.nn's autograd all-to-all is marked deprecated
@@ -39,16 +76,15 @@ class ExpertExchange:
     def _exchange(self, layer: MoEMLP, xf: torch.Tensor, plan: Routing) -> torch.Tensor:
         E, W = layer.num_experts, self.world
         L = E // W
-        counts = torch.tensor(plan.kept, dtype=torch.long)
+        counts = torch.tensor(plan.kept, dtype=torch.long, device=xf.device)  # NCCL takes device tensors only
         send_rows = counts.view(W, L).sum(1).tolist()
         # how many rows each rank sends me, per local expert: [W, L]
-        recv = torch.empty(E, dtype=torch.long)
-        dist.all_to_all_single(recv, counts, group=self.group)
-        recv = recv.view(W, L)
+        recv = torch.empty(E, dtype=torch.long, device=xf.device)
+        dist.all_to_all_single(recv, counts)
+        recv = recv.view(W, L).cpu()
         recv_rows = recv.sum(1).tolist()
         xs = xf[plan.tokens]
-        got = dist_fn.all_to_all_single(xs.new_empty((sum(recv_rows), xs.shape[1])), xs, recv_rows, send_rows,
-                                        group=self.group)
+        got = dist_fn.all_to_all_single(xs.new_empty((sum(recv_rows), xs.shape[1])), xs, recv_rows, send_rows)
         # [source rank][local expert] -> [local expert][source rank]: each expert's rows contiguous
         pieces = got.split(recv.flatten().tolist())
         by_expert = [pieces[s * L + e] for e in range(L) for s in range(W)]
@@ -56,26 +92,173 @@ class ExpertExchange:
         # and back to [source rank][local expert] for the return trip
         out_pieces = ys.split(recv.t().flatten().tolist())
         back = torch.cat([out_pieces[e * W + s] for s in range(W) for e in range(L)])
-        ys_home = dist_fn.all_to_all_single(xs.new_empty(xs.shape), back, send_rows, recv_rows, group=self.group)
-        # the other ranks' experts run on 0 rows here: a zero gradient (not None) keeps DDP's buckets complete
-        others = [e for e in range(E) if not self.rank * L <= e < (self.rank + 1) * L]
-        return ys_home + layer.run_experts(xs[:0], [0] * len(others), others).sum()
+        return dist_fn.all_to_all_single(xs.new_empty(xs.shape), back, send_rows, recv_rows)
 
 
-def enable_expert_parallel(model: torch.nn.Module, rank: int, world_size: int, strategy: str, group=None) -> int:
-    """Shard the expert compute of every MoE layer of `model` over the ranks; returns the layers changed.
-    A UserError (one line) when the model has no MoE layer or E is not divisible by the world size."""
+def check_expert_parallel(model: nn.Module, world_size: int, strategy: str) -> list[MoEMLP]:
+    """The model's MoE layers, or a UserError (one line): no MoE layer, a strategy other than ddp, or E
+    not divisible by the world size."""
     layers = moe_layers(model)
     if not layers:
         raise UserError("--expert-parallel needs an MoE model (--moe-experts E)")
-    if strategy not in ("ddp", "zero1"):
-        raise UserError(f"--expert-parallel composes with --strategy ddp or zero1, got {strategy!r}")
+    if strategy != "ddp":
+        # ZeRO-1 and FSDP partition one replicated parameter list; the ranks' experts are different tensors
+        raise UserError(f"--expert-parallel shards the experts itself and composes with --strategy ddp, got {strategy!r}")
     E = layers[0].num_experts
     if E % world_size:
         raise UserError(f"--expert-parallel: moe_experts={E} is not divisible by the world size {world_size}")
+    return layers
+
+
+class ExpertShards:
+    """The expert-parallel side of one model on one rank (built by `shard_experts`)."""
+
+    def __init__(self, model: nn.Module, layers: list[MoEMLP], rank: int, world_size: int):
+        self.rank, self.world = rank, world_size
+        self.experts = layers[0].num_experts
+        self.local = self.experts // world_size
+        self.owned = range(rank * self.local, (rank + 1) * self.local)
+        # the one-process model's parameter order (AdamW groups list names in it) and one expert's tensors
+        self.full_names = [name for name, _ in model.named_parameters()]
+        layer_names = {id(m): name for name, m in model.named_modules()}
+        self.layer_names = [layer_names[id(layer)] for layer in layers]
+        expert0 = layers[0].experts[0]
+        self.expert_numel = sum(p.numel() for p in expert0.parameters())
+        self.expert_tensors = {k: (tuple(v.shape), v.dtype) for k, v in expert0.state_dict().items()}
+        for layer in layers:
+            layer.experts = LocalExperts({e: layer.experts[e] for e in self.owned})
+        names = {id(p): name for name, p in model.named_parameters()}
+        self.params = [p for layer in layers for p in layer.experts.parameters()]
+        self.param_names = [names[id(p)] for p in self.params]
+        expert_ids = {id(p) for p in self.params}
+        self.dense_params = [p for p in model.parameters() if id(p) not in expert_ids]
+        W = world_size
+        for p in self.params:
+            # the trainer weights each rank's loss by W for DDP's mean; DDP does not see these
+            p.register_hook(lambda g: g / W)
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, self.param_names)
+        exchange = ExpertExchange(rank, world_size)
+        for layer in layers:
+            layer.expert_parallel = exchange
+
+    def num_params(self, local: int) -> int:
+        """The whole model's parameter count from this rank's (every rank holds as many experts)."""
+        return local + (self.world - 1) * self.local * len(self.layer_names) * self.expert_numel
+
+    # --- gradients ------------------------------------------------------------------------------------
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Clip by the global norm (dense gradients are equal on every rank after DDP, the experts' are
+        summed over ranks); returns it, the same on every rank."""
+        def norm_sq(params: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+            grads = [p.grad for p in params if p.grad is not None]
+            if not grads:
+                return torch.zeros((), device=device)
+            return torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True).square()
+
+        device = self.dense_params[0].device
+        experts = norm_sq(self.params, device).to(device)
+        dist.all_reduce(experts)
+        total = (norm_sq(self.dense_params, device) + experts).sqrt()
+        params = [p for p in [*self.dense_params, *self.params] if p.grad is not None]
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+        return total
+
+    # --- model state ----------------------------------------------------------------------------------
+
+    def gather_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The one-process state dict as CPU tensors on rank 0 ({} elsewhere). A collective: the owners
+        send their experts to rank 0 one tensor at a time (rank 0 never holds a second copy of a rank)."""
+        bare = dist_api.unwrap(model)
+        local = bare.state_dict()
+        device = next(bare.parameters()).device
+        full = {k: v.detach().to("cpu", copy=True) for k, v in local.items()} if self.rank == 0 else {}
+        for layer in self.layer_names:
+            for e in range(self.local, self.experts):  # rank 0 owns the first E/W
+                owner = e // self.local
+                if self.rank not in (0, owner):
+                    continue
+                for suffix, (shape, dtype) in self.expert_tensors.items():
+                    name = f"{layer}.experts.{e}.{suffix}"
+                    if self.rank == owner:
+                        dist.send(local[name].detach().contiguous(), dst=0)
+                    else:
+                        buf = torch.empty(shape, dtype=dtype, device=device)
+                        dist.recv(buf, src=owner)
+                        full[name] = buf.cpu()
+        return full
+
+    # --- optimizer state ------------------------------------------------------------------------------
+
+    def _global_group_names(self, group: list[str]) -> list[str]:
+        """A parameter group's names as the one-process model lists them (every rank's experts)."""
+        pattern = {_EXPERT.sub(".experts.*.", n) for n in group}
+        return [n for n in self.full_names if _EXPERT.sub(".experts.*.", n) in pattern]
+
+    def _optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """get_optimizer_state_dict's layout ({"state": {name: {...}}, "param_groups": [...]}) with this
+        rank's tensors and the one-process group lists, the same on every rank."""
+        names = {id(p): name for name, p in dist_api.unwrap(model).named_parameters()}
+        state = {names[id(p)]: dict(optimizer.state[p]) for g in optimizer.param_groups for p in g["params"]
+                 if p in optimizer.state}
+        groups = [{**{k: v for k, v in g.items() if k != "params"},
+                   "params": self._global_group_names([names[id(p)] for p in g["params"]])}
+                  for g in optimizer.param_groups]
+        return {"state": state, "param_groups": groups}
+
+    def save_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, path_dir: str | Path) -> None:
+        """DCP, as `distributed.save_optimizer_state`: the dense state once, each expert's by its owner."""
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save({dist_api._OPTIM_KEY: self._optimizer_state_dict(model, optimizer)}, checkpoint_id=str(path_dir))
+
+    def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, path_dir: str | Path) -> None:
+        """Load this rank's share of any gpt2kit optimizer checkpoint (one process, DDP, expert parallel)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        path_dir = Path(path_dir)
+        if not (path_dir / ".metadata").is_file():
+            raise UserError(f"{path_dir}: not a complete optimizer checkpoint (no .metadata written)")
+        dist_api._init_local_state(optimizer)
+        template = self._optimizer_state_dict(model, optimizer)
+        try:
+            dcp.load({dist_api._OPTIM_KEY: template}, checkpoint_id=str(path_dir))
+        except (RuntimeError, KeyError, ValueError, CheckpointException) as e:
+            raise UserError(f"{path_dir}: optimizer checkpoint does not fit this model/optimizer "
+                            f"({dist_api._cause(e)})") from e
+        names = {id(p): name for name, p in dist_api.unwrap(model).named_parameters()}
+        for g, loaded in zip(optimizer.param_groups, template["param_groups"]):
+            for p in g["params"]:
+                optimizer.state[p] = template["state"][names[id(p)]]
+            g.update({k: v for k, v in loaded.items() if k != "params"})
+
+
+def shard_experts(model: nn.Module, rank: int, world_size: int, strategy: str) -> ExpertShards | None:
+    """Keep only this rank's experts of every MoE layer of `model` (call before wrapping it in DDP and
+    before building the optimizer); None for one process. A UserError (one line) when the model has no
+    MoE layer, the strategy is not ddp, or E is not divisible by the world size."""
+    layers = check_expert_parallel(model, world_size, strategy)
     if world_size == 1:
-        return 0
-    exchange = ExpertExchange(rank, world_size, group)
-    for layer in layers:
-        layer.expert_parallel = exchange
-    return len(layers)
+        return None
+    return ExpertShards(model, layers, rank, world_size)
+
+
+def expert_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
+    """Bytes this process holds in expert vs other ("dense") parameters and their optimizer state."""
+    out = {"expert_params": 0, "dense_params": 0, "expert_optim": 0, "dense_optim": 0}
+    seen: set[int] = set()
+    for name, p in dist_api.unwrap(model).named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        kind = "expert" if _EXPERT.search(name) else "dense"
+        out[f"{kind}_params"] += p.numel() * p.element_size()
+        if optimizer is not None and p in optimizer.state:
+            out[f"{kind}_optim"] += sum(t.numel() * t.element_size() for t in optimizer.state[p].values()
+                                        if isinstance(t, torch.Tensor))
+    return out
+
+
+__all__ = ["ExpertExchange", "ExpertShards", "LocalExperts", "check_expert_parallel", "expert_bytes",
+           "shard_experts"]

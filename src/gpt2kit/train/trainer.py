@@ -328,13 +328,13 @@ def _check_same_shape(want, have, source: str) -> None:
             )
 
 
-def _load_tokenizer(cfg: TrainConfig, meta: dict[str, Any]):
+def _load_tokenizer(cfg: TrainConfig, meta: dict[str, Any], log: Callable[[str], None] = _say):
     """The shards' tokenizer (saved into every checkpoint), or None with a warning when it is gone."""
     from ..data import check_fingerprint
 
     where = meta.get("tokenizer")
     if not where or not Path(where).is_dir():
-        _say(
+        log(
             f"warning: the shards' tokenizer directory {where!r} is not there; checkpoints will hold no tokenizer files"
         )
         return None
@@ -412,7 +412,7 @@ class Trainer:
 
         self.meta = read_meta(cfg.data.data)
         mc = model_config_from(cfg, self.meta)
-        self.tokenizer = _load_tokenizer(cfg, self.meta)
+        self.tokenizer = _load_tokenizer(cfg, self.meta, self.log if self.env.is_main else (lambda m: None))
         r.dtype = cpu_dtype(r.dtype, self.device.type, self.log if self.env.is_main else (lambda m: None))
         self.autocast = _autocast_factory(r.dtype, self.device)
         sampler = parse_seq_len_sampler(cfg.data.seq_len) if cfg.data.seq_len else None
@@ -439,11 +439,12 @@ class Trainer:
         self.bare = model
         model.gradient_checkpointing = cfg.model.grad_checkpointing
         model.train()
+        self.experts = None  # expert parallel: this rank's share of the experts (ExpertShards)
         if r.expert_parallel:
-            from .expert_parallel import enable_expert_parallel
+            from .expert_parallel import shard_experts
 
-            enable_expert_parallel(model, self.env.rank, self.env.world_size,
-                                   r.strategy if self.env.world_size > 1 else "ddp")
+            self.experts = shard_experts(model, self.env.rank, self.env.world_size,
+                                         r.strategy if self.env.world_size > 1 else "ddp")
         self.model = sharded if sharded is not None else dist_api.wrap_model(
             model, r.strategy if self.env.world_size > 1 else "none", self.env,
             reshard_after_forward=r.reshard_after_forward,
@@ -546,7 +547,8 @@ class Trainer:
 
     def _restore(self, state: dict[str, Any], resume_dir: Path) -> None:
         with _quiet_single_process_dcp():
-            dist_api.load_optimizer_state(self.model, self.optimizer, resume_dir / "optimizer")
+            optim = self.experts if self.experts is not None else dist_api
+            optim.load_optimizer_state(self.model, self.optimizer, resume_dir / "optimizer")
         self.step = int(state["step"])
         self.skipped = int(state.get("skipped_steps", 0))
         self.bad_in_a_row = int(state.get("bad_in_a_row", 0))
@@ -573,7 +575,7 @@ class Trainer:
 
     def _save_model_files(self, directory: Path, full_state: dict[str, torch.Tensor] | None) -> None:
         model = self.bare
-        if full_state is not None:  # FSDP: the gathered weights go into a plain CPU copy
+        if full_state is not None:  # FSDP / expert parallel: the gathered weights go into a plain CPU copy
             from ..model import GPT2
 
             with torch.device("meta"):
@@ -585,6 +587,8 @@ class Trainer:
         model.save_pretrained(directory, tokenizer=self.tokenizer, extra=extra)
 
     def _full_state_if_sharded(self) -> dict[str, torch.Tensor] | None:
+        if self.experts is not None:  # expert parallel: rank 0 collects the other ranks' experts
+            return self.experts.gather_state_dict(self.model)
         if not dist_api.is_sharded(self.model):
             return None
         return dist_api.gather_full_state_dict(self.model)  # a collective: every rank calls it
@@ -601,7 +605,8 @@ class Trainer:
         dist_api.barrier(env)
         full_state = self._full_state_if_sharded()
         with _quiet_single_process_dcp():
-            dist_api.save_optimizer_state(self.model, self.optimizer, staging / "optimizer")
+            optim = self.experts if self.experts is not None else dist_api
+            optim.save_optimizer_state(self.model, self.optimizer, staging / "optimizer")
         per_rank = ckpt.to_safe({"loader": self.loader.state_dict(), "rng": ckpt.capture_rng_state()})
         ranks = [per_rank]
         if env.distributed and env.world_size > 1:
@@ -648,7 +653,10 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        norm = float(dist_api.clip_grad_norm_(self.model, clip))
+        if self.experts is not None:  # expert parallel: the ranks' expert gradients are summed in the norm
+            norm = float(self.experts.clip_grad_norm_(clip))
+        else:
+            norm = float(dist_api.clip_grad_norm_(self.model, clip))
         bad = not (math.isfinite(stats.loss) and (math.isfinite(norm) or self.scaler is not None))
         bad = dist_api.any_rank(bad, self.env)
         if bad:
@@ -670,6 +678,8 @@ class Trainer:
         env = self.env
         if env.is_main and self.step == 0:
             n = self.bare.num_params()
+            if self.experts is not None:
+                n = self.experts.num_params(n)
             self.log(
                 f"model: {n / 1e6:.2f}M parameters (L{self.model_config.n_layer} H{self.model_config.n_head} "
                 f"d{self.model_config.n_embd}, vocab {self.model_config.vocab_size}); "

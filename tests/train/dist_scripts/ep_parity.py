@@ -3,9 +3,11 @@
     python ep_parity.py OUT_DIR
 
 One process trains a tiny MoE GPT-2 (E=4, top-2, capacity factor 1.0, so tokens are dropped) for 10 AdamW
-steps, each step's global batch as 2 micro-batches (the trainer's forward_backward); then 2 ranks train the
-same steps under DDP with --expert-parallel, each rank one half of the batch. Both write their final
-parameters to OUT_DIR/<name>.pt. This script asserts nothing.
+steps (gradient norm clipped at 0.5), each step's global batch as 2 micro-batches (the trainer's
+forward_backward); then 2 ranks train the same steps under DDP with the experts sharded (2 per rank), each
+rank one half of the batch. Both write their final parameters (the ranks' gathered on rank 0) to
+OUT_DIR/<name>.pt and each rank its parameter / AdamW bytes to OUT_DIR/<name>.rank<r>.sizes.pt. This
+script asserts nothing.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch.multiprocessing as mp
 
 from gpt2kit.model import GPT2, GPT2Config
 from gpt2kit.train import distributed as D
-from gpt2kit.train.expert_parallel import enable_expert_parallel
+from gpt2kit.train.expert_parallel import expert_bytes, shard_experts
 from gpt2kit.train.trainer import forward_backward
 
 STEPS = 10
@@ -40,8 +42,7 @@ def config() -> GPT2Config:
 def run(env: D.DistEnv, out: Path, name: str) -> None:
     torch.manual_seed(0)
     model = GPT2(config()).to(torch.float64).train()
-    if env.world_size > 1:
-        enable_expert_parallel(model, env.rank, env.world_size, "ddp")
+    shards = shard_experts(model, env.rank, env.world_size, "ddp") if env.world_size > 1 else None
     wrapped = D.wrap_model(model, "ddp" if env.world_size > 1 else "none", env)
     opt = torch.optim.AdamW(wrapped.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(1234)
@@ -51,10 +52,15 @@ def run(env: D.DistEnv, out: Path, name: str) -> None:
         halves = [Batch(rows[:B]), Batch(rows[B:])]
         micro = halves if env.world_size == 1 else [halves[env.rank]]
         forward_backward(wrapped, micro, sync=sync, env=env)
+        norm = shards.clip_grad_norm_(0.5) if shards is not None else D.clip_grad_norm_(wrapped, 0.5)
         opt.step()
         opt.zero_grad(set_to_none=True)
+    state = shards.gather_state_dict(wrapped) if shards is not None else model.state_dict()
+    sizes = expert_bytes(wrapped, opt)
     if env.is_main:
-        torch.save(model.state_dict(), out / f"{name}.pt")
+        torch.save(state, out / f"{name}.pt")
+    # every rank: what it holds (the test checks 1/W of the experts), and the last step's clipped norm
+    torch.save({**sizes, "norm": float(norm)}, out / f"{name}.rank{env.rank}.sizes.pt")
 
 
 def worker(rank: int, port: int, out: Path) -> None:
