@@ -1,6 +1,7 @@
-"""The alignment path end to end on a tiny model, with data built from a rule: SFT -> RM -> DPO -> RLOO.
+"""The alignment path end to end on a tiny model, with data built from a rule: SFT -> RM -> DPO -> RLHF.
 
-  python benchmarks/alignment.py [--out DIR] [--plot docs/align_curves.png] [--memory | --memory-only]
+  python benchmarks/alignment.py [--out DIR] [--plot docs/align_curves.png] [--algo ppo|rloo]
+                                 [--stages sft,rm,dpo,rl] [--memory | --memory-only]
 
 The language: sentences "the <animal> <verb> on the <place>." The prompt asks for an animal
 ("write about the cat:"). SFT teaches the form only (its completion names a random animal), so the SFT
@@ -8,8 +9,10 @@ model is indifferent to the request: preference accuracy ~0.5. The rule: a compl
 requested animal is chosen; the same sentence with another animal is rejected (same length, so the
 per-token log-prob comparison is fair).
 Reported (JSON): reward model held-out pair accuracy; DPO held-out preference accuracy of the policy
-(chosen gets the higher per-token log-prob) before/after; RLOO mean reward of fresh samples (scored by
-the reward model, and by the rule itself) before/after and the KL to the reference vs its target.
+(chosen gets the higher per-token log-prob) before/after; RLHF (PPO by default, or RLOO) against the
+reward model with the adaptive KL controller: mean reward of fresh samples (scored by the reward model,
+and by the rule itself) before/after, and the KL to the reference per step against its target.
+--stages: the stages to run; the others reuse what an earlier run left in --out.
 --memory: peak RSS of DPO (precomputed reference log-probs) next to a plain fine-tune of the same model
 (one model in memory each) on a 50257-token vocabulary model, in fresh processes.
 """
@@ -86,7 +89,7 @@ def metrics(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
-def plot(out_png: Path, rm_rows, dpo_rows, rl_rows, kl_target: float) -> None:
+def plot(out_png: Path, rm_rows, dpo_rows, rl_rows, kl_target: float, algo: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -101,14 +104,17 @@ def plot(out_png: Path, rm_rows, dpo_rows, rl_rows, kl_target: float) -> None:
     for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
         ax[1].plot([r["step"] for r in rows], [r[k] for r in rows], label=k)
     ax[1].set_title("DPO (sigmoid, beta 0.1)")
-    rows = [r for r in rl_rows if "loss" in r]
-    ax[2].plot([r["step"] for r in rows], [r["reward"] for r in rows], label="reward (RM) of samples")
+    rows = [r for r in rl_rows if "kl" in r]
+    ax[2].plot([r["step"] for r in rows], [r["reward"] for r in rows], label="reward (RM) of the step's samples")
     ax2 = ax[2].twinx()
     ax2.plot([r["step"] for r in rows], [r["kl"] for r in rows], color="tab:red", label="KL to reference")
     ax2.axhline(kl_target, color="tab:red", ls="--", lw=0.8, label="KL target")
+    ax2.plot([r["step"] for r in rows], [10 * r["kl_coef"] for r in rows], color="tab:purple", ls=":",
+             label="10 x kl_coef (adaptive)")
     ax2.set_ylabel("KL (nats per sample)")
-    ax2.legend(loc="lower right")
-    ax[2].set_title("RLOO (k=4)")
+    ax2.set_ylim(bottom=0)
+    ax2.legend(loc="lower right", fontsize=8)
+    ax[2].set_title(f"{algo.upper()} vs the reward model")
     for a in ax:
         a.set_xlabel("step")
         a.legend(loc="upper left", fontsize=8)
@@ -167,7 +173,13 @@ def main() -> None:
     ap.add_argument("--plot", type=Path, default=Path("docs/align_curves.png"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--stages", default="sft,rm,dpo,rl", help="comma list; the others reuse --out's results")
+    ap.add_argument("--algo", choices=("ppo", "rloo"), default="ppo")
+    ap.add_argument("--rl-steps", type=int, default=60)
+    ap.add_argument("--kl-coef", type=float, default=0.5, help="the adaptive controller's start value")
     ap.add_argument("--kl-target", type=float, default=6.0)
+    ap.add_argument("--kl-horizon", type=int, default=1000)
+    ap.add_argument("--rl-lr", type=float, default=5e-4)
     ap.add_argument("--memory", action="store_true", help="also measure DPO's peak RSS (fresh processes)")
     ap.add_argument("--memory-only", action="store_true", help="only the DPO peak RSS measurement")
     args = ap.parse_args()
@@ -175,71 +187,80 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from gpt2kit.align.dpo import train_dpo
-    from gpt2kit.align.reward import load_reward_model, score_texts
-    from gpt2kit.align.rlhf import train_rloo
+    from gpt2kit.align.reward import load_reward_model, score_texts, train_reward
+    from gpt2kit.align.rlhf import train_rlhf
     from gpt2kit.post.finetune import finetune_jsonl
 
+    stages = set(args.stages.split(","))
     work = args.out or Path(tempfile.mkdtemp(prefix="gpt2kit-align-"))
     work.mkdir(parents=True, exist_ok=True)
     quiet = lambda m: None  # noqa: E731
     t_all = time.perf_counter()
     files = build_data(work, args.seed)
-    base = base_checkpoint(work, args.seed)
     report: dict = {"machine": platform.processor() or platform.machine(), "threads": args.threads,
-                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-
+                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "stages": sorted(stages)}
     if args.memory_only:
+        base_checkpoint(work, args.seed)
         print(json.dumps(report | {"dpo_memory": memory(work, files["pairs"])}, indent=2))
         return
-    t0 = time.perf_counter()
-    ft = finetune_jsonl(base, files["sft"], work / "sft", {"max_steps": 300, "lr": 3e-3, "warmup_steps": 20,
-                                                           "batch_size": 32, "block_size": 64}, log=quiet,
-                        overwrite=True)
     sft = work / "sft" / "final"
-    report["sft"] = {"completion_loss_before": ft.before["val_loss"], "completion_loss_after": ft.after["val_loss"],
-                     "wall_s": time.perf_counter() - t0}
+    if "sft" in stages:
+        base = base_checkpoint(work, args.seed)
+        t0 = time.perf_counter()
+        ft = finetune_jsonl(base, files["sft"], work / "sft", {"max_steps": 300, "lr": 3e-3, "warmup_steps": 20,
+                                                               "batch_size": 32, "block_size": 64}, log=quiet,
+                            overwrite=True)
+        report["sft"] = {"completion_loss_before": ft.before["val_loss"],
+                         "completion_loss_after": ft.after["val_loss"], "wall_s": time.perf_counter() - t0}
+    if "rm" in stages:
+        t0 = time.perf_counter()
+        rm = train_reward(sft, files["pairs"], work / "rm", {"max_steps": 300, "lr": 1e-3, "warmup_steps": 20,
+                                                             "batch_size": 32}, val_fraction=0.2, overwrite=True,
+                          log=quiet)
+        report["reward_model"] = {"val_accuracy_before": rm["val_accuracy_before"],
+                                  "val_accuracy_after": rm["val_accuracy_after"], "wall_s": time.perf_counter() - t0}
+    if "dpo" in stages:
+        t0 = time.perf_counter()
+        dpo = train_dpo(sft, files["pairs"], work / "dpo", beta=0.1, overrides={"max_steps": 150, "lr": 1e-3,
+                                                                                "warmup_steps": 10, "batch_size": 16},
+                        val_fraction=0.2, overwrite=True, log=quiet)
+        report["dpo"] = {"val_pref_accuracy_before": dpo["pref_accuracy_before"],
+                         "val_pref_accuracy_after": dpo["pref_accuracy_after"],
+                         "val_rewards/accuracies_after": dpo["rewards/accuracies_after"],
+                         "wall_s": time.perf_counter() - t0}
+    rl_dir = work / f"rl-{args.algo}"
+    if "rl" in stages:
+        t0 = time.perf_counter()
+        rl = train_rlhf(sft, str(work / "rm"), rl_dir, algo=args.algo, prompts_file=files["pairs"], k=4,
+                        kl_coef=args.kl_coef, kl_target=args.kl_target, kl_horizon=args.kl_horizon,
+                        max_new_tokens=16, eval_samples=128, overwrite=True, log=quiet,
+                        overrides={"max_steps": args.rl_steps, "lr": args.rl_lr, "warmup_steps": 5, "batch_size": 8,
+                                   "schedule": "constant"})
+        steps = [r for r in metrics(rl_dir / "metrics.jsonl") if "kl" in r]
+        report["rlhf"] = {"algo": args.algo, "rm_reward_before": rl["reward_before"],
+                          "rm_reward_after": rl["reward_after"], "kl_target": args.kl_target,
+                          "kl_max_over_steps": max(r["kl"] for r in steps), "kl_last10": rl["kl_last"],
+                          "steps_over_target": sum(r["kl"] > args.kl_target for r in steps),
+                          "kl_coef_start": args.kl_coef, "kl_coef_final": rl["kl_coef_final"],
+                          "samples_per_step": 32, "steps": args.rl_steps, "wall_s": time.perf_counter() - t0}
+        # the rule itself on fresh samples of the SFT and RL policies (the RM is only its learned stand-in)
+        from gpt2kit.align.rlhf import sample
+        from gpt2kit.model import GPT2
 
-    t0 = time.perf_counter()
-    rm = __import__("gpt2kit.align.reward", fromlist=["train_reward"]).train_reward(
-        sft, files["pairs"], work / "rm", {"max_steps": 300, "lr": 1e-3, "warmup_steps": 20, "batch_size": 32},
-        val_fraction=0.2, overwrite=True, log=quiet)
-    report["reward_model"] = {"val_accuracy_before": rm["val_accuracy_before"],
-                              "val_accuracy_after": rm["val_accuracy_after"], "wall_s": time.perf_counter() - t0}
-
-    t0 = time.perf_counter()
-    dpo = train_dpo(sft, files["pairs"], work / "dpo", beta=0.1, overrides={"max_steps": 150, "lr": 1e-3,
-                                                                            "warmup_steps": 10, "batch_size": 16},
-                    val_fraction=0.2, overwrite=True, log=quiet)
-    report["dpo"] = {"val_pref_accuracy_before": dpo["pref_accuracy_before"],
-                     "val_pref_accuracy_after": dpo["pref_accuracy_after"],
-                     "val_rewards/accuracies_after": dpo["rewards/accuracies_after"],
-                     "wall_s": time.perf_counter() - t0}
-
-    t0 = time.perf_counter()
-    rl = train_rloo(sft, str(work / "rm"), work / "rl", prompts_file=files["pairs"], k=4, beta=0.05,
-                    kl_target=args.kl_target, kl_horizon=400, max_new_tokens=16,
-                    overrides={"max_steps": 80, "lr": 1e-3, "warmup_steps": 5, "batch_size": 8}, eval_samples=128,
-                    overwrite=True, log=quiet)
-    rm_model, tok = load_reward_model(work / "rm")
-    report["rloo"] = {"rm_reward_before": rl["reward_before"], "rm_reward_after": rl["reward_after"],
-                      "kl_last10": rl["kl_last"], "kl_target": args.kl_target, "beta_final": rl["beta_final"],
-                      "wall_s": time.perf_counter() - t0}
-    # the rule itself on fresh samples of the SFT and RLOO policies (the RM is only its learned stand-in)
-    from gpt2kit.align.rlhf import sample
-    from gpt2kit.model import GPT2
-
-    prompts = [prompt_for(ANIMALS[i % len(ANIMALS)]) for i in range(128)]
-    for name, ck in (("sft", sft), ("rloo", work / "rl")):
-        m = GPT2.from_pretrained(ck)
-        _, comps = sample(m, tok, prompts, 16, seed=123)
-        texts = [tok.decode([t for t in c if t != tok.eos_id]) for c in comps]
-        report["rloo"][f"rule_reward_{name}"] = sum(rule_reward(prompts, texts)) / len(prompts)
-        report["rloo"][f"rm_reward_{name}_fixed_prompts"] = float(score_texts(rm_model, tok, prompts, texts).mean())
-        report["rloo"][f"example_{name}"] = prompts[1] + texts[1]
+        rm_model, tok = load_reward_model(work / "rm")
+        prompts = [prompt_for(ANIMALS[i % len(ANIMALS)]) for i in range(128)]
+        for name, ck in (("sft", sft), (args.algo, rl_dir)):
+            m = GPT2.from_pretrained(ck)
+            _, comps = sample(m, tok, prompts, 16, seed=123)
+            texts = [tok.decode([t for t in c if t != tok.eos_id]) for c in comps]
+            report["rlhf"][f"rule_reward_{name}"] = sum(rule_reward(prompts, texts)) / len(prompts)
+            report["rlhf"][f"rm_reward_{name}_fixed_prompts"] = float(score_texts(rm_model, tok, prompts, texts).mean())
+            report["rlhf"][f"example_{name}"] = prompts[1] + texts[1]
     report["total_wall_s"] = time.perf_counter() - t_all
-    if args.plot:
+    if args.plot and (work / "rm" / "metrics.jsonl").is_file() and (work / "dpo" / "metrics.jsonl").is_file() \
+            and (rl_dir / "metrics.jsonl").is_file():
         plot(args.plot, metrics(work / "rm" / "metrics.jsonl"), metrics(work / "dpo" / "metrics.jsonl"),
-             metrics(work / "rl" / "metrics.jsonl"), args.kl_target)
+             metrics(rl_dir / "metrics.jsonl"), args.kl_target, args.algo)
         report["plot"] = str(args.plot)
     if args.memory:
         report["dpo_memory"] = memory(work, files["pairs"])

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from .loop import Optimizer, check_out, cycle_batches, load_policy, log_stderr, options, write_result
+from .loop import Optimizer, cycle_batches, load_policy, log_stderr, options, save_policy, write_result
 from .pairs import completion_logps, encode_completion, pad_batch, read_pairs, split_pairs
 
 LOSSES = ("sigmoid", "ipo", "hinge")
@@ -118,41 +118,66 @@ def _held_out(model, val: EncodedPairs, pad: int, beta: float) -> dict[str, floa
 
 def train_dpo(init: str | Path, data: str | Path, out: str | Path, beta: float = 0.1, loss_type: str = "sigmoid",
               overrides: dict[str, Any] | None = None, val_fraction: float = 0.1, overwrite: bool = False,
+              resume: bool = False, save_every: int = 0, stop_after: int | None = None,
               log=log_stderr) -> dict[str, Any]:
-    """DPO from checkpoint `init` on preference pairs; OUT is the new checkpoint (+ metrics.jsonl)."""
+    """DPO from checkpoint `init` on preference pairs; OUT is the new checkpoint (+ metrics.jsonl).
+    Ctrl-C / SIGTERM (or `stop_after` steps, for tests) saves a resume checkpoint in OUT; `resume` continues it."""
+    from .resume import Progress, prepare_out, restore_rng, rng_state
+
     if loss_type not in LOSSES:
         raise UserError(f"--loss must be one of {', '.join(LOSSES)}, got {loss_type!r}")
     if not beta > 0:
         raise UserError(f"--beta must be > 0, got {beta}")
     o = options(overrides)
-    out = check_out(out, overwrite)
+    out, state, step_dir = prepare_out(out, "dpo", overwrite, resume)
     model, tokenizer, template = load_policy(init)
     block = min(int(o["block_size"]), model.config.n_ctx)
     train_pairs, val_pairs = split_pairs(read_pairs(data, template), val_fraction, o["seed"])
     pad = tokenizer.eos_id
     train, val = encode_pairs(train_pairs, tokenizer, block), encode_pairs(val_pairs, tokenizer, block)
-    # the reference IS the starting model: its log-probs now, once; no second copy is ever made
-    t0 = time.perf_counter()
-    train.ref_chosen, train.ref_rejected = pair_logps(model, train, pad)
-    if len(val):
-        val.ref_chosen, val.ref_rejected = pair_logps(model, val, pad)
-    log(f"reference log-probs of {len(train) + len(val)} pairs in {time.perf_counter() - t0:.1f} s")
-    before = _held_out(model, val, pad, beta) if len(val) else {}
+    max_steps = int(o["max_steps"])
+    if state is None:
+        # the reference IS the starting model: its log-probs now, once; no second copy is ever made
+        t0 = time.perf_counter()
+        train.ref_chosen, train.ref_rejected = pair_logps(model, train, pad)
+        if len(val):
+            val.ref_chosen, val.ref_rejected = pair_logps(model, val, pad)
+        log(f"reference log-probs of {len(train) + len(val)} pairs in {time.perf_counter() - t0:.1f} s")
+        before = _held_out(model, val, pad, beta) if len(val) else {}
+    else:  # the reference's log-probs were saved with the run: the weights in step_dir are the policy's
+        train.ref_chosen, train.ref_rejected, val.ref_chosen, val.ref_rejected = state["reference_logps"]
+        before = dict(state["before"])
+        model, _, _ = load_policy(step_dir)
 
     torch.manual_seed(o["seed"])
     model.train()
     opt = Optimizer(model, o)
     take = cycle_batches(len(train), int(o["batch_size"]), o["seed"] + 1)
     metrics: list[dict[str, Any]] = []
+    start = 0
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        take.load_state_dict(state["batches"])
+        restore_rng(state["rng"], take.rng)
+        metrics, start = list(state["metrics"]), int(state["step"])
+
+    def trainer_state() -> dict[str, Any]:
+        return {"optimizer": opt.state_dict(), "batches": take.state_dict(), "rng": rng_state(take.rng),
+                "metrics": metrics, "before": before,
+                "reference_logps": [train.ref_chosen, train.ref_rejected, val.ref_chosen, val.ref_rejected]}
+
     t0 = time.perf_counter()
-    for step in range(int(o["max_steps"])):
-        rows = take()
-        idx, mask = concatenated_batch(train, rows, pad)
-        c, r = completion_logps(model, idx, mask).chunk(2)
-        nc, nr = mask[:, 1:].sum(-1).chunk(2)
-        loss, m = dpo_loss(c, r, train.ref_chosen[rows], train.ref_rejected[rows], beta, loss_type, nc, nr)
-        norm = opt.step(step, loss)
-        metrics.append({"step": step + 1, "loss": loss.item(), "grad_norm": norm, **m})
+    with Progress(out, "dpo", save_every, stop_after, log) as progress:
+        for step in range(start, max_steps):
+            rows = take()
+            idx, mask = concatenated_batch(train, rows, pad)
+            c, r = completion_logps(model, idx, mask).chunk(2)
+            nc, nr = mask[:, 1:].sum(-1).chunk(2)
+            loss, m = dpo_loss(c, r, train.ref_chosen[rows], train.ref_rejected[rows], beta, loss_type, nc, nr)
+            norm = opt.step(step, loss)
+            metrics.append({"step": step + 1, "loss": loss.item(), "grad_norm": norm, **m})
+            if progress.after_step(step + 1, max_steps, lambda d: save_policy(init, model, d), trainer_state):
+                return progress.report(step + 1)
     wall = time.perf_counter() - t0
     model.eval()
     after = _held_out(model, val, pad, beta) if len(val) else {}
@@ -160,7 +185,7 @@ def train_dpo(init: str | Path, data: str | Path, out: str | Path, beta: float =
         metrics.append({"step": int(o["max_steps"]), **{f"val/{k}": v for k, v in after.items()}})
     extra = {"dpo": {"init": str(init), "data": str(data), "beta": beta, "loss": loss_type,
                      "steps": int(o["max_steps"]), "lr": o["lr"], "reference": "precomputed log-probs of init"}}
-    write_result(out, init, model, metrics, extra, overwrite, chat_template=template)
+    write_result(out, init, model, metrics, extra, overwrite=out.exists(), chat_template=template)
     log(f"DPO ({loss_type}, beta {beta}): {int(o['max_steps'])} steps in {wall:.1f} s"
         + (f"; held-out preference accuracy {before['pref_accuracy']:.3f} -> {after['pref_accuracy']:.3f}"
            if val else ""))

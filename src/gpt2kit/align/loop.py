@@ -30,11 +30,12 @@ def options(overrides: dict[str, Any] | None, **defaults: Any) -> dict[str, Any]
     return o
 
 
-def check_out(out: str | Path, overwrite: bool) -> Path:
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"output exists and is not empty: {out} (choose another path or pass --overwrite)")
-    return out
+def save_policy(init: str | Path, model, directory: Path) -> None:
+    """A resume checkpoint's model files: `init`'s tokenizer and metadata, the current weights."""
+    from ..post.common import copy_model_files
+
+    copy_model_files(init, directory)
+    model.save_pretrained(directory)
 
 
 def load_policy(init: str | Path):
@@ -71,24 +72,43 @@ class Optimizer:
         self.opt.step()
         return norm
 
+    def state_dict(self) -> dict[str, Any]:
+        return self.opt.state_dict()
 
-def cycle_batches(n: int, batch_size: int, seed: int) -> Callable[[], list[int]]:
-    """next() -> indices of the next batch: seeded epochs of a shuffled order."""
-    import random
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.opt.load_state_dict(state)
 
-    rng = random.Random(seed)
-    order: list[int] = []
 
-    def take() -> list[int]:
-        nonlocal order
-        while len(order) < batch_size:
-            fresh = list(range(n))
-            rng.shuffle(fresh)
-            order += fresh
-        got, order = order[:batch_size], order[batch_size:]
+class BatchCycle:
+    """take() -> indices of the next batch: seeded epochs of a shuffled order (its state resumes exactly)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        import random
+
+        self.n, self.batch_size = n, batch_size
+        self.rng = random.Random(seed)
+        self.order: list[int] = []
+
+    def __call__(self) -> list[int]:
+        while len(self.order) < self.batch_size:
+            fresh = list(range(self.n))
+            self.rng.shuffle(fresh)
+            self.order += fresh
+        got, self.order = self.order[: self.batch_size], self.order[self.batch_size:]
         return got
 
-    return take
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self.rng.getstate(), "order": list(self.order)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from ..train.checkpoint import _as_tuple
+
+        self.rng.setstate(_as_tuple(state["rng"]))
+        self.order = [int(i) for i in state["order"]]
+
+
+def cycle_batches(n: int, batch_size: int, seed: int) -> BatchCycle:
+    return BatchCycle(n, batch_size, seed)
 
 
 def write_result(out: Path, init: str | Path, model, metrics: list[dict[str, Any]], extra: dict[str, Any],

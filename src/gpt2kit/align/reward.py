@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError, require_dir
-from .loop import Optimizer, check_out, cycle_batches, load_policy, log_stderr, options
+from .loop import Optimizer, cycle_batches, load_policy, log_stderr, options
 from .pairs import encode_completion, pad_batch, read_pairs, split_pairs
 
 ARCHITECTURE = "GPT2ForSequenceClassification"
@@ -122,10 +122,14 @@ def pair_accuracy(rm: RewardModel, chosen_rows, rejected_rows) -> dict[str, floa
 
 
 def train_reward(init: str | Path, data: str | Path, out: str | Path, overrides: dict[str, Any] | None = None,
-                 val_fraction: float = 0.1, overwrite: bool = False, log=log_stderr) -> dict[str, Any]:
-    """Bradley-Terry reward model from checkpoint `init`; OUT is a GPT2ForSequenceClassification checkpoint."""
+                 val_fraction: float = 0.1, overwrite: bool = False, resume: bool = False, save_every: int = 0,
+                 stop_after: int | None = None, log=log_stderr) -> dict[str, Any]:
+    """Bradley-Terry reward model from checkpoint `init`; OUT is a GPT2ForSequenceClassification checkpoint.
+    Ctrl-C / SIGTERM (or `stop_after` steps, for tests) saves a resume checkpoint in OUT; `resume` continues it."""
+    from .resume import Progress, prepare_out, restore_rng, rng_state
+
     o = options(overrides)
-    out = check_out(out, overwrite)
+    out, state, step_dir = prepare_out(out, "reward", overwrite, resume)
     policy, tokenizer, template = load_policy(init)
     block = min(int(o["block_size"]), policy.config.n_ctx)
     train_pairs, val_pairs = split_pairs(read_pairs(data, template), val_fraction, o["seed"])
@@ -133,20 +137,41 @@ def train_reward(init: str | Path, data: str | Path, out: str | Path, overrides:
     vc, vr = reward_rows(val_pairs, tokenizer, block)
     torch.manual_seed(o["seed"])
     rm = RewardModel(policy, tokenizer.eos_id)
-    before = pair_accuracy(rm, vc, vr) if val_pairs else {}
+    if state is None:
+        before = pair_accuracy(rm, vc, vr) if val_pairs else {}
+    else:
+        before = dict(state["before"])
+        rm.load_state_dict(load_reward_model(step_dir)[0].state_dict())
     rm.train()
     opt = Optimizer(rm, o)
     take = cycle_batches(len(tc), int(o["batch_size"]), o["seed"] + 1)
     metrics: list[dict[str, Any]] = []
+    max_steps, start = int(o["max_steps"]), 0
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        take.load_state_dict(state["batches"])
+        restore_rng(state["rng"], take.rng)
+        metrics, start = list(state["metrics"]), int(state["step"])
+
+    def trainer_state() -> dict[str, Any]:
+        return {"optimizer": opt.state_dict(), "batches": take.state_dict(), "rng": rng_state(take.rng),
+                "metrics": metrics, "before": before}
+
+    def save_rm(d: Path) -> None:
+        save_reward_model(rm, init, d, {"resume_checkpoint": True})
+
     t0 = time.perf_counter()
-    for step in range(int(o["max_steps"])):
-        rows = take()
-        idx, _ = pad_batch([tc[i] for i in rows] + [tr[i] for i in rows], tokenizer.eos_id)
-        rc, rr = rm(idx).chunk(2)
-        loss = -torch.nn.functional.logsigmoid(rc - rr).mean()
-        norm = opt.step(step, loss)
-        metrics.append({"step": step + 1, "loss": loss.item(), "grad_norm": norm,
-                        "accuracy": float((rc > rr).float().mean())})
+    with Progress(out, "reward", save_every, stop_after, log) as progress:
+        for step in range(start, max_steps):
+            rows = take()
+            idx, _ = pad_batch([tc[i] for i in rows] + [tr[i] for i in rows], tokenizer.eos_id)
+            rc, rr = rm(idx).chunk(2)
+            loss = -torch.nn.functional.logsigmoid(rc - rr).mean()
+            norm = opt.step(step, loss)
+            metrics.append({"step": step + 1, "loss": loss.item(), "grad_norm": norm,
+                            "accuracy": float((rc > rr).float().mean())})
+            if progress.after_step(step + 1, max_steps, save_rm, trainer_state):
+                return progress.report(step + 1)
     wall = time.perf_counter() - t0
     rm.eval()
     after = pair_accuracy(rm, vc, vr) if val_pairs else {}
@@ -157,7 +182,7 @@ def train_reward(init: str | Path, data: str | Path, out: str | Path, overrides:
 
     extra = {"init": str(init), "data": str(data), "steps": int(o["max_steps"]), "lr": o["lr"],
              "loss": "bradley-terry", "val_accuracy": after.get("accuracy")}
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=out.exists()) as tmp:
         save_reward_model(rm, init, tmp, extra)
         if template is not None:
             from .chat import save_chat_template

@@ -1,14 +1,18 @@
-"""RLHF with RLOO (REINFORCE leave-one-out; Ahmadian et al. 2024): sample k completions per prompt,
-score them, and push up the log-prob of those that beat the mean of their k - 1 siblings.
+"""RLHF: RLOO (REINFORCE leave-one-out; Ahmadian et al. 2024) or PPO (align.ppo), with a KL penalty to
+the frozen starting checkpoint whose coefficient is fixed or adapted (align.kl).
 
-Per completion y of prompt x:
-  R(y)  = reward(x, y) - beta * KL(y),   KL(y) = sum_t [log pi(y_t | .) - log pi_ref(y_t | .)] (sequence KL)
+Each step samples `batch_size` prompts and `k` completions of each (gpt2kit.generate: batched,
+KV-cached, temperature 1, stop at EOS), scores them, and measures the per-token KL to the reference (a
+frozen, gradient-free copy of --init: no optimizer state, no second trainable model).
+RLOO, per completion y of prompt x:
+  R(y)  = reward(x, y) - kl_coef * KL(y),   KL(y) = sum_t kl_t (the per-token KL summed: TRL's RLOO)
   A(y)  = R(y) - mean of R over the other k - 1 samples of x           (the leave-one-out baseline)
   loss  = -mean_y A(y) * sum_t log pi(y_t | .)
-With --kl-target, beta adapts after every step (Ziegler et al. 2019): beta *= 1 + clip(KL / target - 1,
--0.2, 0.2) * batch / horizon. Sampling uses gpt2kit.generate (batched, KV-cached). The reward is a reward
-model directory (`gpt2kit reward train`; its tokenizer must be the policy's) or `module:function`, a
-Python function (prompts: list[str], completions: list[str]) -> list[float].
+PPO: the per-token KL is a per-token reward, GAE on a value head, clipped policy and value losses,
+several epochs over minibatches of each rollout (align.ppo).
+With an adaptive controller, kl_coef moves after every step toward the KL target (Ziegler et al. 2019).
+The reward is a reward model directory (`gpt2kit reward train`; its tokenizer must be the policy's) or
+`module:function`, a Python function (prompts: list[str], completions: list[str]) -> list[float].
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch
 
 from ..errors import UserError, require_file
 from ..fileio import iter_jsonl
-from .loop import Optimizer, check_out, load_policy, log_stderr, options, write_result
+from .loop import Optimizer, load_policy, log_stderr, options, save_policy, write_result
 from .pairs import pad_batch, token_logps
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
@@ -102,74 +106,155 @@ def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
     return (g - baseline).view(-1)
 
 
+
+ALGORITHMS = ("rloo", "ppo")
+
+
 def _mean_reward(model, tokenizer, reward_fn, prompts, n, max_new, seed) -> float:
     picks = [prompts[i % len(prompts)] for i in range(n)]
     rows, comps = sample(model, tokenizer, picks, max_new, seed)
     texts = [tokenizer.decode([t for t in c if t != tokenizer.eos_id]) for c in comps]
-    return float(torch.tensor(reward_fn(picks, texts), dtype=torch.float32).mean())
+    return float(_scores(reward_fn, picks, texts).mean())
 
 
-def train_rloo(init: str | Path, reward: str | RewardFn, out: str | Path, prompts_file: str | Path | None = None,
-               k: int = 4, beta: float = 0.05, kl_target: float | None = None, kl_horizon: int = 10000,
-               max_new_tokens: int = 32, overrides: dict[str, Any] | None = None, eval_samples: int = 64,
-               overwrite: bool = False, log=log_stderr) -> dict[str, Any]:
-    """RLOO from checkpoint `init`; OUT is the new checkpoint (+ metrics.jsonl). batch_size = prompts per step."""
-    if k < 2:
-        raise UserError(f"--k must be at least 2 (the baseline leaves one out), got {k}")
-    if beta < 0:
-        raise UserError(f"--beta must be >= 0, got {beta}")
+def _scores(reward_fn: RewardFn, prompts: list[str], texts: list[str]) -> torch.Tensor:
+    got = reward_fn(prompts, texts)
+    scores = torch.as_tensor(got, dtype=torch.float32).flatten()
+    if scores.numel() != len(texts):
+        raise UserError(f"--reward returned {scores.numel()} scores for {len(texts)} completions")
+    if not torch.isfinite(scores).all():
+        raise UserError("--reward returned a score that is not finite (nan or inf)")
+    return scores
+
+
+def rollout(model, reference, tokenizer, reward_fn: RewardFn, group: list[str], max_new_tokens: int,
+            seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample one completion per prompt of `group` and score it: (ids [N, T] prompt + completion, right-padded;
+    completion mask [N, T - 1] aligned with token log-probs; scores [N]; reference token log-probs [N, T - 1])."""
+    eos = tokenizer.eos_id
+    rows, comps = sample(model, tokenizer, group, max_new_tokens, seed)
+    texts = [tokenizer.decode([t for t in c if t != eos]) for c in comps]
+    scores = _scores(reward_fn, group, texts)
+    idx, mask = pad_batch([(r + c, len(r)) for r, c in zip(rows, comps)], eos)
+    with torch.no_grad():
+        ref_logps = token_logps(reference, idx)
+    return idx, mask[:, 1:], scores, ref_logps
+
+
+def rloo_update(model, opt, step: int, idx, mask, scores, ref_logps, kl_coef: float, k: int,
+                kl_estimator: str = "k1") -> dict[str, float]:
+    """One REINFORCE-leave-one-out step on a rollout of k consecutive samples per prompt."""
+    from .kl import per_token_kl
+
+    m = mask.float()
+    logp = token_logps(model, idx)
+    kl = (per_token_kl(logp.detach(), ref_logps, kl_estimator) * m).sum(-1)
+    adv = rloo_advantages(scores - kl_coef * kl, k)
+    loss = -(adv * (logp * m).sum(-1)).mean()
+    norm = opt.step(step, loss)
+    return {"loss": loss.item(), "grad_norm": norm, "kl": kl.mean().item()}
+
+
+def train_rlhf(init: str | Path, reward: str | RewardFn, out: str | Path, algo: str = "rloo",
+               prompts_file: str | Path | None = None, k: int = 4, kl_coef: float = 0.05,
+               kl_target: float | None = None, kl_horizon: int = 10000, adaptive_kl: bool | None = None,
+               kl_estimator: str = "k1", ppo=None, max_new_tokens: int = 32,
+               overrides: dict[str, Any] | None = None, eval_samples: int = 64, overwrite: bool = False,
+               resume: bool = False, save_every: int = 0, stop_after: int | None = None,
+               log=log_stderr) -> dict[str, Any]:
+    """RLOO or PPO from checkpoint `init`; OUT is the new checkpoint (+ metrics.jsonl). batch_size = prompts
+    per step, k samples each. adaptive_kl None: adaptive when kl_target is given."""
+    from .kl import KL_ESTIMATORS, kl_controller
+    from .ppo import PolicyWithValue, PPOConfig, ppo_update
+    from .resume import Progress, prepare_out, restore_rng, rng_state
+
+    if algo not in ALGORITHMS:
+        raise UserError(f"--algo must be one of {', '.join(ALGORITHMS)}, got {algo!r}")
+    if k < (2 if algo == "rloo" else 1):
+        raise UserError(f"--k must be at least {2 if algo == 'rloo' else 1}"
+                        f"{' (the baseline leaves one out)' if algo == 'rloo' else ''}, got {k}")
+    if kl_estimator not in KL_ESTIMATORS:
+        raise UserError(f"--kl-estimator must be one of {', '.join(KL_ESTIMATORS)}, got {kl_estimator!r}")
+    ctl = kl_controller(kl_coef, kl_target, kl_horizon, kl_target is not None if adaptive_kl is None else adaptive_kl)
+    cfg = ppo or PPOConfig()
     o = options(overrides, batch_size=4, lr=1e-5)
-    out = check_out(out, overwrite)
+    out, state, step_dir = prepare_out(out, "rlhf-" + algo, overwrite, resume)
     model, tokenizer, template = load_policy(init)
     reward_fn = load_reward(reward, tokenizer) if isinstance(reward, str) else reward
     prompts = read_prompts(prompts_file, template)
     if max_new_tokens < 1 or max_new_tokens >= model.config.n_ctx:
         raise UserError(f"--max-new-tokens must be in [1, {model.config.n_ctx}), got {max_new_tokens}")
-    reference, _, _ = load_policy(init)  # frozen: the KL penalty is measured against it on fresh samples
+    reference, _, _ = load_policy(init)  # frozen, no gradients, no optimizer state: log-probs only
     reference.requires_grad_(False).eval()
-    eos = tokenizer.eos_id
-    seed = int(o["seed"])
-    before = _mean_reward(model, tokenizer, reward_fn, prompts, eval_samples, max_new_tokens, seed + 10**6)
-
+    seed, max_steps = int(o["seed"]), int(o["max_steps"])
+    if state is None:
+        before = _mean_reward(model, tokenizer, reward_fn, prompts, eval_samples, max_new_tokens, seed + 10**6)
+    else:
+        model, _, _ = load_policy(step_dir)
+        before = float(state["before"])
     torch.manual_seed(seed)
-    model.train()
-    opt = Optimizer(model, o)
+    model.eval()  # no dropout: the log-probs of a rollout and of its update are of the same network (TRL)
+    trained = PolicyWithValue(model) if algo == "ppo" else model
+    opt = Optimizer(trained, o)
     import random
 
     rng = random.Random(seed)
     metrics: list[dict[str, Any]] = []
+    start = 0
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        ctl.load_state_dict(state["kl_controller"])
+        restore_rng(state["rng"], rng)
+        metrics = list(state["metrics"])
+        start = int(state["step"])
+        if algo == "ppo":
+            trained.value_head.load_state_dict(state["value_head"])
+
+    def trainer_state() -> dict[str, Any]:
+        s = {"optimizer": opt.state_dict(), "kl_controller": ctl.state_dict(), "rng": rng_state(rng),
+             "metrics": metrics, "before": before}
+        if algo == "ppo":
+            s["value_head"] = trained.value_head.state_dict()
+        return s
+
     t0 = time.perf_counter()
-    for step in range(int(o["max_steps"])):
-        picks = [rng.choice(prompts) for _ in range(int(o["batch_size"]))]
-        group = [p for p in picks for _ in range(k)]  # k consecutive samples per prompt
-        rows, comps = sample(model, tokenizer, group, max_new_tokens, seed + step)
-        texts = [tokenizer.decode([t for t in c if t != eos]) for c in comps]
-        scores = torch.tensor(reward_fn(group, texts), dtype=torch.float32)
-        idx, mask = pad_batch([(r + c, len(r)) for r, c in zip(rows, comps)], eos)
-        m = mask[:, 1:].float()
-        logp = token_logps(model, idx)
-        with torch.no_grad():
-            ref_logp = token_logps(reference, idx)
-        kl = ((logp.detach() - ref_logp) * m).sum(-1)
-        total = scores - beta * kl
-        adv = rloo_advantages(total, k)
-        loss = -(adv * (logp * m).sum(-1)).mean()
-        norm = opt.step(step, loss)
-        row = {"step": step + 1, "loss": loss.item(), "grad_norm": norm, "reward": scores.mean().item(),
-               "kl": kl.mean().item(), "beta": beta, "completion_tokens": m.sum(-1).mean().item()}
-        metrics.append(row)
-        if kl_target:
-            err = max(-0.2, min(0.2, kl.mean().item() / kl_target - 1))
-            beta *= 1 + err * len(group) / kl_horizon
-        if (step + 1) % 10 == 0:
-            log(f"step {step + 1}: reward {row['reward']:.3f}, kl {row['kl']:.3f}, beta {row['beta']:.4f}")
+    with Progress(out, "rlhf-" + algo, save_every, stop_after, log) as progress:
+        for step in range(start, max_steps):
+            picks = [rng.choice(prompts) for _ in range(int(o["batch_size"]))]
+            group = [p for p in picks for _ in range(k)]  # k consecutive samples per prompt
+            idx, mask, scores, ref_logps = rollout(model, reference, tokenizer, reward_fn, group, max_new_tokens,
+                                                   seed + step)
+            coef = ctl.value
+            if algo == "ppo":
+                row = ppo_update(trained, opt, step, idx, mask, scores, ref_logps, coef, cfg, seed + step, kl_estimator)
+            else:
+                row = rloo_update(model, opt, step, idx, mask, scores, ref_logps, coef, k, kl_estimator)
+            row = {"step": step + 1, **row, "reward": scores.mean().item(), "kl_coef": coef,
+                   "completion_tokens": mask.float().sum(-1).mean().item()}
+            metrics.append(row)
+            ctl.update(row["kl"], len(group))
+            if (step + 1) % 10 == 0:
+                log(f"step {step + 1}: reward {row['reward']:.3f}, kl {row['kl']:.3f}, kl_coef {coef:.4f}")
+            if progress.after_step(step + 1, max_steps, lambda d: save_policy(init, model, d), trainer_state):
+                return progress.report(step + 1)
     wall = time.perf_counter() - t0
     after = _mean_reward(model, tokenizer, reward_fn, prompts, eval_samples, max_new_tokens, seed + 10**6)
-    metrics.append({"step": int(o["max_steps"]), "val/reward_before": before, "val/reward_after": after})
-    extra = {"rlhf": {"init": str(init), "algorithm": "rloo", "reward": reward if isinstance(reward, str) else "python",
-                      "k": k, "beta": beta, "kl_target": kl_target, "steps": int(o["max_steps"]), "lr": o["lr"]}}
-    write_result(out, init, model, metrics, extra, overwrite, chat_template=template)
-    log(f"RLOO: {int(o['max_steps'])} steps in {wall:.1f} s; mean reward of fresh samples {before:.3f} -> {after:.3f}")
-    recent = metrics[-11:-1] or metrics[:-1]
-    return {"out": str(out), "steps": int(o["max_steps"]), "wall_s": wall, "reward_before": before,
-            "reward_after": after, "kl_last": sum(r["kl"] for r in recent) / max(len(recent), 1), "beta_final": beta}
+    metrics.append({"step": max_steps, "val/reward_before": before, "val/reward_after": after})
+    extra = {"rlhf": {"init": str(init), "algorithm": algo, "reward": reward if isinstance(reward, str) else "python",
+                      "k": k, "kl_coef_final": ctl.value, "adaptive_kl": ctl.adaptive,
+                      "kl_target": getattr(ctl, "target", None), "kl_estimator": kl_estimator, "steps": max_steps,
+                      "lr": o["lr"], **({"ppo": vars(cfg)} if algo == "ppo" else {})}}
+    write_result(out, init, model, metrics, extra, overwrite=out.exists(), chat_template=template)
+    log(f"{algo.upper()}: {max_steps - start} steps in {wall:.1f} s; mean reward of fresh samples "
+        f"{before:.3f} -> {after:.3f}")
+    recent = [r for r in metrics if "kl" in r][-10:]
+    return {"out": str(out), "steps": max_steps, "wall_s": wall, "reward_before": before, "reward_after": after,
+            "kl_last": sum(r["kl"] for r in recent) / max(len(recent), 1), "kl_max": max(r["kl"] for r in recent),
+            "kl_coef_final": ctl.value}
+
+
+def train_rloo(init: str | Path, reward: str | RewardFn, out: str | Path, prompts_file: str | Path | None = None,
+               k: int = 4, beta: float = 0.05, kl_target: float | None = None, kl_horizon: int = 10000,
+               **kw: Any) -> dict[str, Any]:
+    """RLOO (train_rlhf with algo="rloo"; `beta` is the KL coefficient, TRL's RLOO name)."""
+    return train_rlhf(init, reward, out, "rloo", prompts_file, k, beta, kl_target, kl_horizon, **kw)

@@ -1,6 +1,7 @@
 """Direct Preference Optimization of a checkpoint on preference pairs (TRL's losses and metric names).
 
   gpt2kit dpo --init SFT --data pairs.jsonl --out DPO [--beta 0.1 --loss sigmoid|ipo|hinge]
+  gpt2kit dpo ... --resume          # continue an interrupted run (Ctrl-C / SIGTERM saves OUT/step-XXXXXX)
 
 pairs.jsonl: {"prompt": str or chat messages, "chosen": str, "rejected": str} per line. The reference is
 --init itself: its log-probs are computed once before training (one model in memory). OUT is a
@@ -24,6 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beta", type=float, default=0.1, help="strength of the pull to the reference (default 0.1)")
     p.add_argument("--loss", default="sigmoid", choices=("sigmoid", "ipo", "hinge"), help="DPO loss (default sigmoid)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of pairs held out (default 0.1)")
+    p.add_argument("--save-every", type=int, default=0, help="steps between resume checkpoints (0: on Ctrl-C only)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     p.add_argument("--overwrite", action="store_true", help="replace an --out that is not empty")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     add_train_flags(p, ALIGN_DEFAULTS, only=ALIGN_FLAGS)
@@ -36,6 +39,6 @@ def run(args: argparse.Namespace) -> int:
 
     report = train_dpo(resolve_checkpoint(args.init, "--init"), args.data, args.out, beta=args.beta,
                        loss_type=args.loss, overrides=train_overrides(args), val_fraction=args.val_fraction,
-                       overwrite=args.overwrite)
+                       overwrite=args.overwrite, resume=args.resume, save_every=args.save_every)
     print_report(report, args.json)
     return 0

@@ -1,6 +1,7 @@
 """Reward models: train one on preference pairs (Bradley-Terry), or score with one.
 
   gpt2kit reward train --init SFT --data pairs.jsonl --out RM
+  gpt2kit reward train ... --resume                        # continue an interrupted run
   gpt2kit reward score --rm RM --data pairs.jsonl          # held-out style pair accuracy of any pairs file
   gpt2kit reward score --rm RM --prompt "Q: ..." --completion " A ..."
 
@@ -24,6 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--data", required=True, metavar="FILE", help="preference pairs JSONL (prompt, chosen, rejected)")
     t.add_argument("--out", required=True, metavar="DIR", help="reward model directory to write")
     t.add_argument("--val-fraction", type=float, default=0.1, help="share of pairs held out (default 0.1)")
+    t.add_argument("--save-every", type=int, default=0, help="steps between resume checkpoints (0: on Ctrl-C only)")
+    t.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     t.add_argument("--overwrite", action="store_true", help="replace an --out that is not empty")
     t.add_argument("--json", action="store_true", help="print the report as JSON")
     add_train_flags(t, ALIGN_DEFAULTS, only=ALIGN_FLAGS)
@@ -45,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
         from ..post.common import train_overrides
 
         report = train_reward(resolve_checkpoint(args.init, "--init"), args.data, args.out, train_overrides(args),
-                              val_fraction=args.val_fraction, overwrite=args.overwrite)
+                              val_fraction=args.val_fraction, overwrite=args.overwrite, resume=args.resume,
+                              save_every=args.save_every)
         print_report(report, args.json)
         return 0
     from ..align.chat import load_chat_template
