@@ -176,10 +176,12 @@ def main() -> None:
     ap.add_argument("--stages", default="sft,rm,dpo,rl", help="comma list; the others reuse --out's results")
     ap.add_argument("--algo", choices=("ppo", "rloo"), default="ppo")
     ap.add_argument("--rl-steps", type=int, default=60)
-    ap.add_argument("--kl-coef", type=float, default=0.5, help="the adaptive controller's start value")
+    ap.add_argument("--kl-coef", type=float, default=1.0, help="the adaptive controller's start value")
     ap.add_argument("--kl-target", type=float, default=6.0)
     ap.add_argument("--kl-horizon", type=int, default=1000)
-    ap.add_argument("--rl-lr", type=float, default=5e-4)
+    ap.add_argument("--rl-lr", type=float, default=5e-5)
+    ap.add_argument("--rl-reward", choices=("rm", "rule"), default="rm",
+                    help="what RLHF maximises: the reward model, or the rule itself (module:function style)")
     ap.add_argument("--memory", action="store_true", help="also measure DPO's peak RSS (fresh processes)")
     ap.add_argument("--memory-only", action="store_true", help="only the DPO peak RSS measurement")
     args = ap.parse_args()
@@ -228,17 +230,18 @@ def main() -> None:
                          "val_pref_accuracy_after": dpo["pref_accuracy_after"],
                          "val_rewards/accuracies_after": dpo["rewards/accuracies_after"],
                          "wall_s": time.perf_counter() - t0}
-    rl_dir = work / f"rl-{args.algo}"
+    rl_dir = work / f"rl-{args.algo}-{args.rl_reward}"
     if "rl" in stages:
         t0 = time.perf_counter()
-        rl = train_rlhf(sft, str(work / "rm"), rl_dir, algo=args.algo, prompts_file=files["pairs"], k=4,
+        reward = str(work / "rm") if args.rl_reward == "rm" else rule_reward
+        rl = train_rlhf(sft, reward, rl_dir, algo=args.algo, prompts_file=files["pairs"], k=4,
                         kl_coef=args.kl_coef, kl_target=args.kl_target, kl_horizon=args.kl_horizon,
                         max_new_tokens=16, eval_samples=128, overwrite=True, log=quiet,
                         overrides={"max_steps": args.rl_steps, "lr": args.rl_lr, "warmup_steps": 5, "batch_size": 8,
                                    "schedule": "constant"})
         steps = [r for r in metrics(rl_dir / "metrics.jsonl") if "kl" in r]
-        report["rlhf"] = {"algo": args.algo, "rm_reward_before": rl["reward_before"],
-                          "rm_reward_after": rl["reward_after"], "kl_target": args.kl_target,
+        report["rlhf"] = {"algo": args.algo, "reward": args.rl_reward, "reward_before": rl["reward_before"],
+                          "reward_after": rl["reward_after"], "kl_target": args.kl_target,
                           "kl_max_over_steps": max(r["kl"] for r in steps), "kl_last10": rl["kl_last"],
                           "steps_over_target": sum(r["kl"] > args.kl_target for r in steps),
                           "kl_coef_start": args.kl_coef, "kl_coef_final": rl["kl_coef_final"],
