@@ -53,9 +53,21 @@ def build_data(d: Path, seed: int) -> dict[str, Path]:
         other = rng.choice([x for x in ANIMALS if x != a])
         s = sentence(rng, a)
         pairs.append({"prompt": prompt_for(a), "chosen": s, "rejected": s.replace(f" {a} ", f" {other} ", 1)})
-    files = {"sft": d / "sft.jsonl", "pairs": d / "pairs.jsonl"}
+    # for the reward model only (--rm-negatives): the chosen sentence against its own words shuffled and
+    # against a word repeated, so word salad, which the animal rule alone never shows, is ranked low
+    extra = []
+    for r in pairs[:300]:
+        words = r["chosen"].split()
+        salad = words[:]
+        rng.shuffle(salad)
+        extra.append({"prompt": r["prompt"], "chosen": r["chosen"], "rejected": " " + " ".join(salad)})
+        i = rng.randrange(len(words))
+        extra.append({"prompt": r["prompt"], "chosen": r["chosen"],
+                      "rejected": " " + " ".join(words[:i + 1] + [words[i]] * 3 + words[i + 1:])})
+    files = {"sft": d / "sft.jsonl", "pairs": d / "pairs.jsonl", "rm_pairs": d / "rm_pairs.jsonl"}
     files["sft"].write_text("".join(json.dumps(r) + "\n" for r in sft))
     files["pairs"].write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    files["rm_pairs"].write_text("".join(json.dumps(r) + "\n" for r in pairs + extra))
     return files
 
 
@@ -182,6 +194,8 @@ def main() -> None:
     ap.add_argument("--rl-lr", type=float, default=5e-5)
     ap.add_argument("--rl-reward", choices=("rm", "rule"), default="rm",
                     help="what RLHF maximises: the reward model, or the rule itself (module:function style)")
+    ap.add_argument("--rm-negatives", action="store_true",
+                    help="train the reward model also on word-salad / repetition rejections of chosen sentences")
     ap.add_argument("--memory", action="store_true", help="also measure DPO's peak RSS (fresh processes)")
     ap.add_argument("--memory-only", action="store_true", help="only the DPO peak RSS measurement")
     args = ap.parse_args()
@@ -216,10 +230,11 @@ def main() -> None:
                          "completion_loss_after": ft.after["val_loss"], "wall_s": time.perf_counter() - t0}
     if "rm" in stages:
         t0 = time.perf_counter()
-        rm = train_reward(sft, files["pairs"], work / "rm", {"max_steps": 300, "lr": 1e-3, "warmup_steps": 20,
+        rm = train_reward(sft, files["rm_pairs" if args.rm_negatives else "pairs"], work / "rm", {"max_steps": 300, "lr": 1e-3, "warmup_steps": 20,
                                                              "batch_size": 32}, val_fraction=0.2, overwrite=True,
                           log=quiet)
-        report["reward_model"] = {"val_accuracy_before": rm["val_accuracy_before"],
+        report["reward_model"] = {"data": "pairs + word salad" if args.rm_negatives else "pairs",
+                                  "val_accuracy_before": rm["val_accuracy_before"],
                                   "val_accuracy_after": rm["val_accuracy_after"], "wall_s": time.perf_counter() - t0}
     if "dpo" in stages:
         t0 = time.perf_counter()
