@@ -16,6 +16,16 @@ CORPUS = "the cat sat on the mat. the dog sat on the log. a bird sang in the tre
 N_CTX = 128
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from more threads, and on a busy machine OpenMP threads that wait on each
+    other made a decode step many times slower (docs/serve.md, Threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory) -> Path:
     from gpt2kit.model import GPT2, GPT2Config

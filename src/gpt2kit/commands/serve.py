@@ -24,6 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=16, metavar="N", help="sequences decoded together (default 16)")
     p.add_argument("--max-queue", type=int, default=64, metavar="N",
                    help="sequences that may wait for a slot; more get 429 at once (default 64)")
+    p.add_argument("--prefill-tokens", type=int, default=512, metavar="N",
+                   help="padded prompt tokens prefilled between two decode steps: new prompts are prefilled "
+                        "together in chunks of about this size (default 512)")
     p.add_argument("--api-key", default=None, metavar="K", help="require 'Authorization: Bearer K' (default: none)")
     p.add_argument("--model-name", default=None, help="the model id clients see (default: the directory's name)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
@@ -44,6 +47,8 @@ def _check_args(args) -> None:
         raise UserError(f"--max-batch must be >= 1, got {args.max_batch}")
     if args.max_queue < 1:
         raise UserError(f"--max-queue must be >= 1, got {args.max_queue}")
+    if args.prefill_tokens < 1:
+        raise UserError(f"--prefill-tokens must be >= 1, got {args.prefill_tokens}")
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be >= 1, got {args.threads}")
     if args.api_key is not None and not args.api_key:
@@ -74,7 +79,7 @@ def run(args) -> int:
     ckpt = Path(resolve_checkpoint(args.checkpoint))
     name = args.model_name or ckpt.resolve().name
     server = Server(model, tokenizer, name, chat_template=load_chat_template(ckpt), max_batch=args.max_batch,
-                    max_queue=args.max_queue, api_key=args.api_key)
+                    max_queue=args.max_queue, api_key=args.api_key, prefill_tokens=args.prefill_tokens)
     config = uvicorn.Config(create_app(server), host=args.host, port=args.port, log_level="warning",
                             timeout_graceful_shutdown=5)
     http = uvicorn.Server(config)

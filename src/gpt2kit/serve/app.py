@@ -25,7 +25,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import UserError
 from .metrics import Metrics
 from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
-from .scheduler import Delta, Failed, Finished, PromptLogprobs, QueueFull, SamplingParams, Scheduler, Sequence
+from .scheduler import (
+    DEFAULT_PREFILL_TOKENS,
+    Delta,
+    Failed,
+    Finished,
+    PromptLogprobs,
+    QueueFull,
+    SamplingParams,
+    Scheduler,
+    Sequence,
+)
 
 # a client that never reads would otherwise hold its rows forever: checked while a request waits
 _DISCONNECT_POLL_S = 0.25
@@ -68,14 +78,16 @@ class Server:
     """What the routes share: the model, its tokenizer, the scheduler and the limits."""
 
     def __init__(self, model, tokenizer, model_name: str, chat_template: str | None = None,
-                 max_batch: int = 16, max_queue: int = 64, api_key: str | None = None):
+                 max_batch: int = 16, max_queue: int = 64, api_key: str | None = None,
+                 prefill_tokens: int = DEFAULT_PREFILL_TOKENS):
         self.model, self.tokenizer = model, tokenizer
         self.model_name = model_name
         self.chat_template = chat_template
         self.n_ctx = model.config.n_ctx
         self.api_key = api_key
         self.metrics = Metrics()
-        self.scheduler = Scheduler(model, tokenizer, max_batch=max_batch, max_queue=max_queue, metrics=self.metrics)
+        self.scheduler = Scheduler(model, tokenizer, max_batch=max_batch, max_queue=max_queue, metrics=self.metrics,
+                                   prefill_tokens=prefill_tokens)
         self.created = int(time.time())
 
     # ----- request -> sequences -----------------------------------------------------------------------

@@ -6,7 +6,7 @@ right, and the columns before it are masked out (`attention_mask`) with its own 
 computes what it computes alone: its tokens at positions 0, 1, 2, ..., attending to its own keys only.
 
     cache = BatchCache(config, max_batch, dtype)
-    row = cache.add(prefill_cache)         # a batch-1 KVCache of the prompt, right-aligned at `length`
+    row = cache.add(prefill, r, length)    # row r of a prefilled KVCache (its last `length` columns)
     view, mask, pos = cache.step_inputs()  # KVCache view of rows [0, n), [n, length + 1], [n, 1]
     cache.remove(row)                      # the last row moves into its place; returns that old index
 
@@ -84,19 +84,22 @@ class BatchCache:
         if self.length + needed_right > self.columns:
             self._alloc(max(self.length + needed_right, min(2 * self.columns, self.config.n_ctx + 1)))
 
-    def add(self, prefill: KVCache) -> int:
-        """Copy a batch-1 prefilled cache into a new row ending at the shared column; returns the row."""
+    def add(self, prefill: KVCache, row: int = 0, length: int | None = None) -> int:
+        """Copy row `row` of a prefilled cache into a new row ending at the shared column; returns that row.
+
+        length: the row's real columns, the last `length` of the prefill (a left-padded group); default all."""
         if self.n >= self.max_batch:
             raise RuntimeError("batch cache is full")
-        T = prefill.length
+        P = prefill.length
+        T = P if length is None else length
         self._ensure(T, 1)
-        row, L = self.n, self.length
+        new, L = self.n, self.length
         for layer in range(self.config.n_layer):
-            self.keys[layer][row, :, L - T : L] = prefill.keys[layer][0, :, :T]
-            self.values[layer][row, :, L - T : L] = prefill.values[layer][0, :, :T]
+            self.keys[layer][new, :, L - T : L] = prefill.keys[layer][row, :, P - T : P]
+            self.values[layer][new, :, L - T : L] = prefill.values[layer][row, :, P - T : P]
         self.starts.append(L - T)
         self.n += 1
-        return row
+        return new
 
     def remove(self, row: int) -> int | None:
         """Drop a row; the last row moves into its slot. Returns the moved row's old index (or None)."""

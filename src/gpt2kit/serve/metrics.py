@@ -1,11 +1,13 @@
 """Server metrics in the Prometheus text exposition format (version 0.0.4), without a client library.
 
-Counters and gauges are plain numbers behind one lock; histograms keep cumulative bucket counts, a sum
-and a count, as Prometheus expects (`_bucket{le="..."}`, `_sum`, `_count`).
+Counters and gauges are plain numbers behind one lock; histograms keep a count per bucket, a sum and a
+count, and render the cumulative bucket counts Prometheus expects (`_bucket{le="..."}`, `_sum`, `_count`).
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import threading
 
 _LOCK = threading.Lock()
@@ -57,17 +59,18 @@ class Histogram(_Metric):
         self.count = 0
 
     def observe(self, v: float) -> None:
+        # per bucket, not cumulative (one bisect per token; render() sums them up)
+        i = bisect.bisect_left(self.buckets, v)
         with _LOCK:
-            for i, b in enumerate(self.buckets):
-                if v <= b:
-                    self.counts[i] += 1
+            if i < len(self.counts):
+                self.counts[i] += 1
             self.sum += v
             self.count += 1
 
     def render(self) -> list[str]:
         lines = self.header()
         with _LOCK:
-            for b, c in zip(self.buckets, self.counts):
+            for b, c in zip(self.buckets, itertools.accumulate(self.counts)):
                 lines.append(f'{self.name}_bucket{{le="{b:g}"}} {c}')
             lines += [f'{self.name}_bucket{{le="+Inf"}} {self.count}', f"{self.name}_sum {self.sum:.6f}",
                       f"{self.name}_count {self.count}"]
