@@ -18,13 +18,13 @@ from gpt2kit.train.expert_parallel import shard_experts
 SCRIPT = Path(__file__).parent / "dist_scripts" / "ep_parity.py"
 
 
-@pytest.mark.slow  # two forked Gloo ranks: ~35 s on a loaded 2-core machine
+@pytest.mark.slow  # two forked Gloo ranks: ~15 s on an idle 2-core machine (minutes when it is shared)
 def test_two_expert_parallel_ranks_match_one_process_after_10_steps(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], env=env, capture_output=True, text=True,
-                          timeout=180)
+                          timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     single = torch.load(tmp_path / "single.pt", weights_only=True)
     ep = torch.load(tmp_path / "ep2.pt", weights_only=True)
