@@ -25,7 +25,7 @@ def test_main_job_prints_metrics_and_leaves_a_transformers_checkpoint(tmp_path, 
     assert ppl == pytest.approx(math.exp(loss), rel=1e-3)
     assert 0 < bpc < loss  # ~3.5 characters per token: fewer bits per character than nats per token
     assert loss < math.log(4096)  # it learned something in 12 steps
-    assert "sample (prompt 'def '" in printed
+    assert "sample (prompt 'def'" in printed
 
     ckpt = out / "step-000012"
     assert (out / "latest").read_text().strip() == "step-000012"
@@ -42,3 +42,26 @@ def test_main_job_prints_metrics_and_leaves_a_transformers_checkpoint(tmp_path, 
     idx = torch.tensor([ids])
     with torch.no_grad():
         assert (ours(idx).logits - hf(idx).logits).abs().max().item() < 1e-4
+
+
+@pytest.mark.slow
+def test_main_job_without_shape_flags_times_the_candidates_and_trains_the_planned_shape(tmp_path, capsys, monkeypatch):
+    from gpt2kit.train import main_job
+    from gpt2kit.train.budget import Shape
+
+    small, large = Shape(1, 2, 32), Shape(2, 2, 64)
+    monkeypatch.setattr(main_job, "CANDIDATES", {small: 1e-2, large: 5e-3})
+    # a token budget no candidate meets at 1 token per parameter would still train the smallest;
+    # one of 0 tokens per parameter takes the largest timed
+    monkeypatch.setattr(main_job, "MIN_TOKENS_PER_PARAM", 0.0)
+    out = tmp_path / "main"
+    assert cli_main(["train", "--out", str(out), "--max-steps", "4", "--block-size", "64", "--n-ctx", "64",
+                     "--eval-batches", "2", "--progress", "false"]) == 0
+    err = capsys.readouterr().err
+    assert "plan: L2 H2 d64" in err and "L1 H2 d32" in err  # both timed, the larger kept
+    import json
+
+    cfg = json.loads((out / "step-000004" / "config.json").read_text())
+    assert (cfg["n_layer"], cfg["n_embd"]) == (2, 64)
+    toml = (out / "config.toml").read_text()
+    assert 'optimizer = "muon"' in toml and "lr = 0.005" in toml and "warmup_steps = 1" in toml

@@ -1,16 +1,19 @@
 """The main job, `gpt2kit train` with no arguments: raw text to a trained, evaluated GPT-2 in ~5 minutes.
 
-1. corpus: a deterministic third of the Python standard library's own modules (no test suites, no
-   codec tables), ~3 MB of the built-in default corpus, so nothing is downloaded;
+1. corpus: the Python standard library's own modules (no test suites, no codec tables), ~10 MB of the
+   built-in default corpus, so nothing is downloaded;
 2. tokenizer + shards: a 4096-token byte-level BPE learned on it, then de-duplicated token shards with a
    5% validation split (`gpt2kit.data.prepare`);
-3. training: a 4-layer, 256-wide GPT-2 (4.3M parameters), context 256, bf16 autocast where the CPU
-   has bf16 instructions, cosine schedule; `time_limit` keeps the whole job within its budget on a
-   slower or busy machine by ending the schedule earlier;
-4. report: validation loss, perplexity, bits per character, and a sample; the checkpoint directory opens
+3. a plan (`train/budget.py`): a few training steps of candidate shapes are timed on this machine and
+   the largest shape that still sees enough tokens in the remaining time is kept: a small model fed many
+   tokens beats a large one fed few at this budget (docs/train.md has the measurements);
+4. training: Muon on the hidden matrices (AdamW on embeddings, biases and norms), context 256, bf16
+   autocast where the CPU has bf16 instructions, cosine schedule fitted to the time left (`time_limit`);
+5. report: validation loss, perplexity, bits per character, and a sample; the checkpoint directory opens
    in `transformers.GPT2LMHeadModel.from_pretrained`.
 
-Any training flag overrides the defaults, e.g. `gpt2kit train --max-steps 100 --out runs/quick`.
+Any training flag overrides the defaults, e.g. `gpt2kit train --max-steps 100 --out runs/quick`; a shape
+flag (--n-layer, --n-head, --n-embd) skips the plan.
 """
 
 from __future__ import annotations
@@ -23,32 +26,50 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from .budget import Plan, Shape, plan_for_budget
 
 BUDGET_S = 300.0  # the whole job, on 2 CPU cores
-REPORT_RESERVE_S = 25.0  # final evaluation, checkpoint, sample
-CORPUS_STRIDE = 3  # every third standard-library module (~3.2 MB)
+REPORT_RESERVE_S = 15.0  # final evaluation of the whole val split, checkpoint, sample (~6 s measured)
+CORPUS_STRIDE = 1  # every standard-library module (test suites and codec tables left out)
 VOCAB_SIZE = 4096
 VAL_FRACTION = 0.05
-SAMPLE_PROMPT = "def "
+SAMPLE_PROMPT = "def"  # no trailing space: " name" is one token, a lone " " before it is out of distribution
+
+# Candidate shapes, smallest first, each with its peak learning rate (Muon; ~1/sqrt(width) above d128).
+# Measured on a 2-core AVX2 CPU at about equal compute (docs/train.md): a shallow, narrow model fed many
+# tokens ends lower than a deeper or wider one fed fewer (L2 d96 1.49 bits per character, L3 d96 1.55,
+# L3 d128 1.59, L4 d128 1.65, L4 d192 1.75). The plan keeps the largest shape that sees at least
+# MIN_TOKENS_PER_PARAM tokens per parameter (embeddings counted) in the time left: L2 d96 there (~4),
+# not L2 d128 (~2); a machine twice as fast gets L2 d128, and so on up the list.
+CANDIDATES: dict[Shape, float] = {
+    Shape(2, 2, 64): 1e-2,
+    Shape(2, 2, 96): 1e-2,
+    Shape(2, 2, 128): 1e-2,
+    Shape(3, 2, 128): 1e-2,
+    Shape(4, 3, 192): 8e-3,
+    Shape(4, 4, 256): 7e-3,
+    Shape(6, 6, 384): 5e-3,
+    Shape(8, 8, 512): 4e-3,
+}
+MIN_TOKENS_PER_PARAM = 3.0
+SHAPE_KEYS = ("n_layer", "n_head", "n_embd")
+WARMUP_FRACTION = 0.08
 
 DEFAULTS: dict[str, Any] = {
     "preset": "gpt2-mini",
-    "n_layer": 4,
-    "n_head": 4,
-    "n_embd": 256,
     "n_ctx": 256,
     "dropout": 0.0,
     "attn_dropout": 0.0,
     "block_size": 256,
     "batch_size": 8,
-    "eval_batches": 40,
-    "lr": 2e-3,
+    "eval_batch_size": 16,
+    "eval_batches": 0,  # the whole validation split
+    "optimizer": "muon",
+    "lr": 1e-2,  # the plan's shape sets its own (CANDIDATES)
     "min_lr": 1e-4,
-    "warmup_steps": 40,
     "schedule": "cosine",
-    "max_steps": 1000,
-    "eval_every": 250,
-    "save_every": 250,
+    "eval_every": 0,  # once, at the end: an evaluation costs the steps it would take
+    "save_every": 0,  # at the end (and on Ctrl-C, which saves and says how to resume)
     "keep_last": 2,
     "log_every": 10,
     "seed": 1337,
@@ -115,6 +136,16 @@ def run_main_job(overrides: dict[str, Any], overwrite: bool = False) -> int:
     flags = {**DEFAULTS, "dtype": "bf16" if _fast_bf16(device) else "fp32"}
     flags.update(overrides)
     flags["data"], flags["out"] = str(data_dir), str(out)
+    if not any(k in overrides for k in SHAPE_KEYS):
+        plan = _plan(flags, BUDGET_S - REPORT_RESERVE_S - (time.perf_counter() - t0) - 5.0)
+        _say(f"      plan: {plan.describe()}")
+        flags.update(n_layer=plan.shape.n_layer, n_head=plan.shape.n_head, n_embd=plan.shape.n_embd)
+        if "lr" not in overrides:
+            flags["lr"] = CANDIDATES[plan.shape]
+        if "max_steps" not in overrides:
+            flags["max_steps"] = max(1, plan.steps)
+    flags.setdefault("max_steps", 1000)
+    flags.setdefault("warmup_steps", max(1, round(WARMUP_FRACTION * flags["max_steps"])))
     spent = time.perf_counter() - t0
     if "time_limit" not in overrides:
         flags["time_limit"] = max(30.0, BUDGET_S - REPORT_RESERVE_S - spent - 5.0)
@@ -143,6 +174,25 @@ def run_main_job(overrides: dict[str, Any], overwrite: bool = False) -> int:
     print(f"      gpt2kit generate {result.last_checkpoint} --prompt 'import '")
     print(f"total time {time.perf_counter() - t0:.0f} s")
     return 0
+
+
+def _plan(flags: dict[str, Any], train_seconds: float) -> Plan:
+    """Time the candidate shapes' training steps here and keep the largest that sees enough tokens."""
+    import torch
+
+    from .config import build_config
+    from .optim import optimizer_for
+
+    cfg = build_config({**flags, "max_steps": 1})  # the optimizer exactly as the run will build it
+    if flags.get("threads"):
+        torch.set_num_threads(int(flags["threads"]))
+    dev = str(flags.get("device", "auto"))
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if dev == "auto" else dev
+    return plan_for_budget(
+        tuple(CANDIDATES), max(10.0, train_seconds), VOCAB_SIZE, cfg.data.block_size, cfg.data.batch_size,
+        lambda model: optimizer_for(model, cfg.optim), MIN_TOKENS_PER_PARAM, device=dev,
+        dtype=cfg.run.dtype,
+    )
 
 
 def _sample(trainer) -> str:

@@ -64,6 +64,16 @@ def build_optimizer(
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **kwargs)
 
 
+def optimizer_for(model: nn.Module, optim_cfg) -> torch.optim.Optimizer:
+    """The one-process optimizer a run's `[optim]` section asks for: AdamW, or Muon + AdamW (train/muon.py)."""
+    o = optim_cfg
+    if o.optimizer == "muon":
+        from .muon import Muon, muon_param_groups
+
+        return Muon(muon_param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    return build_optimizer(model, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps)
+
+
 # --- schedules -----------------------------------------------------------------------------------------
 # `step` is the 0-based index of the optimizer update about to be taken; t = step + 1 counts updates from 1,
 # so the first update never runs at learning rate 0.
