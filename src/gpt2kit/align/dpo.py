@@ -122,7 +122,7 @@ def train_dpo(init: str | Path, data: str | Path, out: str | Path, beta: float =
               log=log_stderr) -> dict[str, Any]:
     """DPO from checkpoint `init` on preference pairs; OUT is the new checkpoint (+ metrics.jsonl).
     Ctrl-C / SIGTERM (or `stop_after` steps, for tests) saves a resume checkpoint in OUT; `resume` continues it."""
-    from .resume import Progress, prepare_out, restore_rng, rng_state
+    from .resume import Progress, batch_loop_state, prepare_out, restore_batch_loop
 
     if loss_type not in LOSSES:
         raise UserError(f"--loss must be one of {', '.join(LOSSES)}, got {loss_type!r}")
@@ -156,15 +156,11 @@ def train_dpo(init: str | Path, data: str | Path, out: str | Path, beta: float =
     metrics: list[dict[str, Any]] = []
     start = 0
     if state is not None:
-        opt.load_state_dict(state["optimizer"])
-        take.load_state_dict(state["batches"])
-        restore_rng(state["rng"], take.rng)
-        metrics, start = list(state["metrics"]), int(state["step"])
+        metrics, start = restore_batch_loop(state, opt, take)
 
     def trainer_state() -> dict[str, Any]:
-        return {"optimizer": opt.state_dict(), "batches": take.state_dict(), "rng": rng_state(take.rng),
-                "metrics": metrics, "before": before,
-                "reference_logps": [train.ref_chosen, train.ref_rejected, val.ref_chosen, val.ref_rejected]}
+        return batch_loop_state(opt, take, metrics, before, reference_logps=[train.ref_chosen, train.ref_rejected,
+                                                                             val.ref_chosen, val.ref_rejected])
 
     t0 = time.perf_counter()
     with Progress(out, "dpo", save_every, stop_after, log) as progress:

@@ -53,6 +53,20 @@ def restore_rng(state: dict[str, Any], rng: random.Random) -> None:
     rng.setstate(_as_tuple(state["own"]))
 
 
+def batch_loop_state(opt, take, metrics: list, before: dict, **extra: Any) -> dict[str, Any]:
+    """The resume state of a loop over seeded batches (DPO, reward model): AdamW, batch order, RNGs."""
+    return {"optimizer": opt.state_dict(), "batches": take.state_dict(), "rng": rng_state(take.rng),
+            "metrics": metrics, "before": before, **extra}
+
+
+def restore_batch_loop(state: dict[str, Any], opt, take) -> tuple[list, int]:
+    """Load `batch_loop_state` back; (metrics so far, steps done)."""
+    opt.load_state_dict(state["optimizer"])
+    take.load_state_dict(state["batches"])
+    restore_rng(state["rng"], take.rng)
+    return list(state["metrics"]), int(state["step"])
+
+
 class Progress:
     """The loop's stop/save policy: after each step, save on a signal, `stop_after` (tests) or every
     `save_every` steps; `should_stop` tells the loop to return."""

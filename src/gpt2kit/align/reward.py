@@ -126,7 +126,7 @@ def train_reward(init: str | Path, data: str | Path, out: str | Path, overrides:
                  stop_after: int | None = None, log=log_stderr) -> dict[str, Any]:
     """Bradley-Terry reward model from checkpoint `init`; OUT is a GPT2ForSequenceClassification checkpoint.
     Ctrl-C / SIGTERM (or `stop_after` steps, for tests) saves a resume checkpoint in OUT; `resume` continues it."""
-    from .resume import Progress, prepare_out, restore_rng, rng_state
+    from .resume import Progress, batch_loop_state, prepare_out, restore_batch_loop
 
     o = options(overrides)
     out, state, step_dir = prepare_out(out, "reward", overwrite, resume)
@@ -148,14 +148,10 @@ def train_reward(init: str | Path, data: str | Path, out: str | Path, overrides:
     metrics: list[dict[str, Any]] = []
     max_steps, start = int(o["max_steps"]), 0
     if state is not None:
-        opt.load_state_dict(state["optimizer"])
-        take.load_state_dict(state["batches"])
-        restore_rng(state["rng"], take.rng)
-        metrics, start = list(state["metrics"]), int(state["step"])
+        metrics, start = restore_batch_loop(state, opt, take)
 
     def trainer_state() -> dict[str, Any]:
-        return {"optimizer": opt.state_dict(), "batches": take.state_dict(), "rng": rng_state(take.rng),
-                "metrics": metrics, "before": before}
+        return batch_loop_state(opt, take, metrics, before)
 
     def save_rm(d: Path) -> None:
         save_reward_model(rm, init, d, {"resume_checkpoint": True})
