@@ -34,7 +34,7 @@ from ..runtime import retain_freed_memory
 from . import checkpoint as ckpt
 from . import distributed as dist_api
 from .config import TrainConfig, build_config, flag_name, read_toml, to_toml
-from .optim import lr_at, param_groups, set_lr
+from .optim import lr_at, optimizer_for, param_groups, set_lr
 from .precision import cpu_dtype
 
 
@@ -873,10 +873,7 @@ def _build_muon(model: torch.nn.Module, o, strategy: str) -> torch.optim.Optimiz
     if strategy in ("fsdp", "zero1"):
         raise UserError(f"--optimizer muon works with one process or --strategy ddp, not --strategy {strategy} "
                         "(it orthogonalises whole matrices, which those strategies shard)")
-    from .muon import Muon, muon_param_groups
-
-    groups = muon_param_groups(dist_api.unwrap(model), o.weight_decay)
-    return Muon(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    return optimizer_for(dist_api.unwrap(model), o)
 
 
 def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> TrainResult:
