@@ -4,6 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# chat records: a system turn, an Alpaca record, two assistant turns in one conversation
+CHATS = [
+    {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the cat?"},
+                  {"role": "assistant", "content": "sat on the mat."}]},
+    {"instruction": "the dog?", "input": "a bone", "output": "ate the bone."},
+    {"messages": [{"role": "user", "content": "yes?"}, {"role": "assistant", "content": "no."},
+                  {"role": "user", "content": "and?"}, {"role": "assistant", "content": "yes and no."}]},
+]
+
+
 CORPUS = ["the cat sat on the mat. the dog ate the bone. a red apple, a blue sky, yes and no."] * 8
 
 

@@ -7,17 +7,9 @@ import json
 
 import pytest
 import torch
-from align_helpers import tiny_checkpoint
+from align_helpers import CHATS, tiny_checkpoint
 
 from gpt2kit.errors import UserError
-
-CHATS = [
-    {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the cat?"},
-                  {"role": "assistant", "content": "sat on the mat."}]},
-    {"instruction": "the dog?", "input": "a bone", "output": "ate the bone."},
-    {"messages": [{"role": "user", "content": "yes?"}, {"role": "assistant", "content": "no."},
-                  {"role": "user", "content": "and?"}, {"role": "assistant", "content": "yes and no."}]},
-]
 
 
 def write(path, rows):

@@ -8,7 +8,7 @@
 
 Shards use gpt2kit's trainer (RUN is a run directory: step-XXXXXX/ checkpoints, best/, metrics.jsonl);
 JSONL records {"prompt": ..., "completion": ...} become padded rows prompt + completion + EOS, and the
-fine-tuned checkpoint is RUN/final. The report gives validation loss (and --eval-text perplexity)
+fine-tuned checkpoint is RUN/final (Ctrl-C / SIGTERM saves RUN/step-XXXXXX; --resume continues it exactly). The report gives validation loss (and --eval-text perplexity)
 before and after. See docs/post.md.
 """
 
@@ -39,7 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "copied from the existing ones) and fine-tune at that length")
     p.add_argument("--eval-text", metavar="FILE", help="report perplexity on this text before and after")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--resume", action="store_true", help="shards: continue the run in --out from its latest checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in --out from its latest checkpoint (Ctrl-C / SIGTERM and "
+                        "--save-every save one; --jsonl too)")
     lo = p.add_argument_group("LoRA (adapters only, saved in peft's format; see docs/post.md)")
     lo.add_argument("--lora-r", type=int, metavar="R", help="train rank-R LoRA adapters on a frozen base")
     lo.add_argument("--lora-alpha", type=float, metavar="A", help="LoRA scale numerator: update * A / R (default 2R)")
@@ -75,13 +77,10 @@ def run(args: argparse.Namespace) -> int:
             from ..errors import UserError
 
             raise UserError("--n-ctx (context extension) applies to --data token shards, not to --jsonl")
-        if args.resume:
-            from ..errors import UserError
-
-            raise UserError("--resume applies to token shards (--data); a --jsonl run is short and restarts")
         result = finetune_jsonl(args.init, args.jsonl, args.out, overrides, val_fraction=args.val_fraction,
                                 eval_text=text, overwrite=args.overwrite, chat=args.chat,
-                                chat_tokens=args.chat_tokens, lora=lora, lora_merge=args.lora_merge)
+                                chat_tokens=args.chat_tokens, lora=lora, lora_merge=args.lora_merge,
+                                resume=args.resume)
     print_report(result.report(), args.json)
     return 0
 

@@ -84,8 +84,12 @@ class FinetuneResult:
     after: dict[str, float]
     tokens_per_s: float
     wall_s: float
+    stopped_by: str | None = None  # JSONL runs: the signal (or "stop_after") that interrupted the run
 
     def report(self) -> dict[str, Any]:
+        if self.stopped_by is not None:
+            return {"out": str(self.out), "stopped_by": self.stopped_by, "step": self.steps,
+                    "checkpoint": str(self.checkpoint), "resume": "run the same command with --resume to continue"}
         return {"out": str(self.out), "checkpoint": str(self.checkpoint), "steps": self.steps,
                 **{f"{k}_before": v for k, v in self.before.items()},
                 **{f"{k}_after": v for k, v in self.after.items()},
@@ -249,10 +253,15 @@ def completion_loss(model, rows, pad_id: int, batch_size: int = 16) -> float:
 def finetune_jsonl(init: str | Path, jsonl: str | Path, out: str | Path, overrides: dict[str, Any] | None = None,
                    val_fraction: float = 0.1, eval_text: str | None = None, overwrite: bool = False,
                    log=_log, chat: bool = False, chat_tokens: bool = False, lora=None,
-                   lora_merge: bool = False) -> FinetuneResult:
+                   lora_merge: bool = False, resume: bool = False,
+                   stop_after: int | None = None) -> FinetuneResult:
     """Instruction-tune `init` on prompt/completion records; writes OUT/final (a checkpoint) and
     OUT/metrics.jsonl. chat=True: chat/Alpaca records (gpt2kit.align.sft), loss on the assistant turns,
-    the chat template saved into the checkpoint; chat_tokens adds <|im_start|>/<|im_end|> as tokens."""
+    the chat template saved into the checkpoint; chat_tokens adds <|im_start|>/<|im_end|> as tokens.
+    Ctrl-C / SIGTERM (or `save_every` steps; `stop_after` steps, for tests) saves OUT/step-XXXXXX (the
+    align trainers' format, gpt2kit.align.resume); `resume` continues it exactly (the same final bytes as
+    an uninterrupted run). An interrupted run returns a FinetuneResult with `stopped_by` set."""
+    from ..align.resume import Progress, prepare_out, restore_rng, rng_state
     from ..fileio import atomic_dir, atomic_write_text
     from ..model import GPT2
     from ..train.optim import lr_at, param_groups, set_lr
@@ -263,9 +272,7 @@ def finetune_jsonl(init: str | Path, jsonl: str | Path, out: str | Path, overrid
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     config, tokenizer, masks = _init_model_info(init)
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"output exists and is not empty: {out} (choose another path or pass --overwrite)")
+    out, state, step_dir = prepare_out(out, "finetune-jsonl", overwrite, resume)
     if o["threads"]:
         torch.set_num_threads(o["threads"])
     block = min(int(o["block_size"]), config.n_ctx)
@@ -304,41 +311,73 @@ def finetune_jsonl(init: str | Path, jsonl: str | Path, out: str | Path, overrid
         lora.base = str(init)
         inject_lora(model, lora)
     pad = tokenizer.eos_id
-    before = {"val_loss": completion_loss(model, val_rows, pad)} if val_rows else {}
-    if eval_text is not None:
-        before["ppl"] = perplexity(model, tokenizer, eval_text)["ppl"]
+    if state is None:
+        before = {"val_loss": completion_loss(model, val_rows, pad)} if val_rows else {}
+        if eval_text is not None:
+            before["ppl"] = perplexity(model, tokenizer, eval_text)["ppl"]
+    else:  # the weights of the interrupted run (all of them: a LoRA model's base and adapters alike)
+        model.load_state_dict(state["model"])
+        before = dict(state["before"])
 
     model.train()
     optimizer = torch.optim.AdamW(param_groups(model, o["weight_decay"]), lr=o["lr"], betas=(0.9, 0.95))
     rng = random.Random(o["seed"] + 1)
     order: list[int] = []
-    metrics, tokens, t0 = [], 0, time.perf_counter()
-    B = int(o["batch_size"])
-    for step in range(int(o["max_steps"])):
-        if len(order) < B:
-            fresh = list(range(len(train_rows)))
-            rng.shuffle(fresh)
-            order += fresh
-        batch = completion_batch([train_rows[i] for i in order[:B]], pad)
-        order = order[B:]
-        set_lr(optimizer, lr_at(step, o["schedule"], o["lr"], o["warmup_steps"], o["max_steps"], o["min_lr"]))
-        loss = model(batch.idx, targets=batch.targets, loss_mask=batch.loss_mask).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if o["grad_clip"]:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), o["grad_clip"])
-        optimizer.step()
-        if masks:
-            apply_masks(model, masks)
-        tokens += batch.idx.numel()
-        metrics.append({"step": step + 1, "loss": loss.item()})
+    metrics: list[dict[str, Any]] = []
+    tokens, t0, start = 0, time.perf_counter(), 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        restore_rng(state["rng"], rng)  # torch's global RNG too: dropout continues where it stopped
+        order, metrics, start = [int(i) for i in state["order"]], list(state["metrics"]), int(state["step"])
+    B, max_steps = int(o["batch_size"]), int(o["max_steps"])
+
+    def save_model(d: Path) -> None:
+        # a loadable checkpoint where it can be one; a LoRA run's step directory holds its adapter
+        if lora is not None:
+            from .lora import save_adapter
+
+            save_adapter(model, lora, d)
+        else:
+            copy_model_files(init, d)
+            model.save_pretrained(d, tokenizer=tokenizer if chat else None)
+
+    def trainer_state() -> dict[str, Any]:
+        # the full state dict (not only the step directory's files) so that LoRA and grown-vocabulary
+        # runs restore every tensor exactly; the order and both RNGs make the next batches the same
+        return {"model": {k: v.detach().clone() for k, v in model.state_dict().items()},
+                "optimizer": optimizer.state_dict(), "rng": rng_state(rng), "order": list(order),
+                "metrics": metrics, "before": before}
+
+    with Progress(out, "finetune-jsonl", int(o.get("save_every") or 0), stop_after, log) as progress:
+        for step in range(start, max_steps):
+            if len(order) < B:
+                fresh = list(range(len(train_rows)))
+                rng.shuffle(fresh)
+                order += fresh
+            batch = completion_batch([train_rows[i] for i in order[:B]], pad)
+            order = order[B:]
+            set_lr(optimizer, lr_at(step, o["schedule"], o["lr"], o["warmup_steps"], o["max_steps"], o["min_lr"]))
+            loss = model(batch.idx, targets=batch.targets, loss_mask=batch.loss_mask).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if o["grad_clip"]:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), o["grad_clip"])
+            optimizer.step()
+            if masks:
+                apply_masks(model, masks)
+            tokens += batch.idx.numel()
+            metrics.append({"step": step + 1, "loss": loss.item()})
+            if progress.after_step(step + 1, max_steps, save_model, trainer_state):
+                wall = time.perf_counter() - t0
+                return FinetuneResult(out, Path(progress.saved), step + 1, before, {}, tokens / max(wall, 1e-9),
+                                      wall, stopped_by=progress.stopped_by)
     wall = time.perf_counter() - t0
     model.eval()
     after = {"val_loss": completion_loss(model, val_rows, pad)} if val_rows else {}
     if eval_text is not None:
         after["ppl"] = perplexity(model, tokenizer, eval_text)["ppl"]
 
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite or out.exists()) as tmp:  # replaces an interrupted run's steps
         final = tmp / "final"
         final.mkdir()
         extra = {"finetune": {"init": str(init), "jsonl": str(jsonl), "steps": int(o["max_steps"]),
