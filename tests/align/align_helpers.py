@@ -14,6 +14,12 @@ CHATS = [
 ]
 
 
+# preference pairs of the resume and torchrun tests
+PAIRS = [{"prompt": "the cat", "chosen": " sat on the mat.", "rejected": " ate the bone."},
+         {"prompt": "a red", "chosen": " apple, yes", "rejected": " sky"},
+         {"prompt": "the dog ate", "chosen": " the bone.", "rejected": " a blue sky, no and yes."},
+         {"prompt": "yes", "chosen": " and no.", "rejected": " no"}] * 3
+
 CORPUS = ["the cat sat on the mat. the dog ate the bone. a red apple, a blue sky, yes and no."] * 8
 
 
@@ -29,3 +35,13 @@ def tiny_checkpoint(path: Path, seed: int = 0, vocab: int = 300, n_embd: int = 3
                      attn_dropout=0.0, eos_token_id=tok.eos_id)
     GPT2(cfg).save_pretrained(path, tokenizer=tok)
     return path
+
+
+def checkpoint_and_pairs(d: Path) -> tuple[Path, Path]:
+    """(tiny checkpoint, PAIRS as JSONL) in directory d."""
+    import json
+
+    init = tiny_checkpoint(d / "init")
+    pairs = d / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
+    return init, pairs

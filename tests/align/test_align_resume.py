@@ -3,28 +3,21 @@ uninterrupted run's, bit for bit (as pre-training's resume tests)."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 
 import pytest
-from align_helpers import tiny_checkpoint
+from align_helpers import checkpoint_and_pairs
 
 from gpt2kit.cli import main
 
-PAIRS = [{"prompt": "the cat", "chosen": " sat on the mat.", "rejected": " ate the bone."},
-         {"prompt": "a red", "chosen": " apple, yes", "rejected": " sky"},
-         {"prompt": "the dog ate", "chosen": " the bone.", "rejected": " a blue sky, no and yes."},
-         {"prompt": "yes", "chosen": " and no.", "rejected": " no"}] * 3
 STEPS = {"max_steps": 6, "lr": 3e-3, "warmup_steps": 2, "batch_size": 4}
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("resume")
-    init = tiny_checkpoint(d / "init")
-    pairs = d / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
+    init, pairs = checkpoint_and_pairs(d)
     return d, init, pairs
 
 

@@ -122,13 +122,18 @@ def train_dpo(init: str | Path, data: str | Path, out: str | Path, beta: float =
               log=log_stderr) -> dict[str, Any]:
     """DPO from checkpoint `init` on preference pairs; OUT is the new checkpoint (+ metrics.jsonl).
     Ctrl-C / SIGTERM (or `stop_after` steps, for tests) saves a resume checkpoint in OUT; `resume` continues it."""
+    from .parallel import check_batch, join, main_only, mean_metrics, shard
     from .resume import Progress, batch_loop_state, prepare_out, restore_batch_loop
 
+    env = join()  # torchrun: this rank's share of every batch, gradients averaged (align.parallel)
+    if not env.is_main:
+        log = lambda m: None  # noqa: E731 (rank 0 speaks for the job)
     if loss_type not in LOSSES:
         raise UserError(f"--loss must be one of {', '.join(LOSSES)}, got {loss_type!r}")
     if not beta > 0:
         raise UserError(f"--beta must be > 0, got {beta}")
     o = options(overrides)
+    check_batch(int(o["batch_size"]), env)
     out, state, step_dir = prepare_out(out, "dpo", overwrite, resume)
     model, tokenizer, template = load_policy(init)
     block = min(int(o["block_size"]), model.config.n_ctx)
@@ -151,7 +156,7 @@ def train_dpo(init: str | Path, data: str | Path, out: str | Path, beta: float =
 
     torch.manual_seed(o["seed"])
     model.train()
-    opt = Optimizer(model, o)
+    opt = Optimizer(model, o, env)
     take = cycle_batches(len(train), int(o["batch_size"]), o["seed"] + 1)
     metrics: list[dict[str, Any]] = []
     start = 0
@@ -163,15 +168,16 @@ def train_dpo(init: str | Path, data: str | Path, out: str | Path, beta: float =
                                                                              val.ref_chosen, val.ref_rejected])
 
     t0 = time.perf_counter()
-    with Progress(out, "dpo", save_every, stop_after, log) as progress:
+    with Progress(out, "dpo", save_every, stop_after, log, env) as progress:
         for step in range(start, max_steps):
-            rows = take()
+            rows = shard(take(), env)  # every rank draws the same global batch and keeps its share
             idx, mask = concatenated_batch(train, rows, pad)
             c, r = completion_logps(model, idx, mask).chunk(2)
             nc, nr = mask[:, 1:].sum(-1).chunk(2)
             loss, m = dpo_loss(c, r, train.ref_chosen[rows], train.ref_rejected[rows], beta, loss_type, nc, nr)
             norm = opt.step(step, loss)
-            metrics.append({"step": step + 1, "loss": loss.item(), "grad_norm": norm, **m})
+            m = mean_metrics({"loss": loss.item(), **m}, env)
+            metrics.append({"step": step + 1, "loss": m.pop("loss"), "grad_norm": norm, **m})
             if progress.after_step(step + 1, max_steps, lambda d: save_policy(init, model, d), trainer_state):
                 return progress.report(step + 1)
     wall = time.perf_counter() - t0
@@ -181,7 +187,9 @@ def train_dpo(init: str | Path, data: str | Path, out: str | Path, beta: float =
         metrics.append({"step": int(o["max_steps"]), **{f"val/{k}": v for k, v in after.items()}})
     extra = {"dpo": {"init": str(init), "data": str(data), "beta": beta, "loss": loss_type,
                      "steps": int(o["max_steps"]), "lr": o["lr"], "reference": "precomputed log-probs of init"}}
-    write_result(out, init, model, metrics, extra, overwrite=out.exists(), chat_template=template)
+    extra["dpo"]["processes"] = env.world_size
+    main_only(env, lambda: write_result(out, init, model, metrics, extra, overwrite=out.exists(),
+                                        chat_template=template))
     log(f"DPO ({loss_type}, beta {beta}): {int(o['max_steps'])} steps in {wall:.1f} s"
         + (f"; held-out preference accuracy {before['pref_accuracy']:.3f} -> {after['pref_accuracy']:.3f}"
            if val else ""))

@@ -52,11 +52,12 @@ def load_policy(init: str | Path):
 class Optimizer:
     """AdamW on every trainable parameter, with gpt2kit's learning-rate schedule and gradient clipping."""
 
-    def __init__(self, module: torch.nn.Module, o: dict[str, Any]):
+    def __init__(self, module: torch.nn.Module, o: dict[str, Any], env=None):
         from ..train.optim import param_groups
 
         self.o = o
         self.module = module
+        self.env = env  # align.parallel: under torchrun the gradients are averaged over ranks
         self.opt = torch.optim.AdamW(param_groups(module, o["weight_decay"]), lr=o["lr"], betas=(0.9, 0.95))
 
     def step(self, step: int, loss: torch.Tensor) -> float:
@@ -67,6 +68,10 @@ class Optimizer:
         set_lr(self.opt, lr_at(step, o["schedule"], o["lr"], o["warmup_steps"], o["max_steps"], o["min_lr"]))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if self.env is not None:
+            from .parallel import average_gradients
+
+            average_gradients(self.module, self.env)
         clip = o["grad_clip"] if o["grad_clip"] else float("inf")
         norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip))
         self.opt.step()

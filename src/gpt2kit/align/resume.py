@@ -72,10 +72,11 @@ class Progress:
     `save_every` steps; `should_stop` tells the loop to return."""
 
     def __init__(self, out: Path, kind: str, save_every: int = 0, stop_after: int | None = None,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, env=None):
         from ..train.trainer import StopRequest
 
         self.out, self.kind, self.save_every, self.stop_after = out, kind, int(save_every or 0), stop_after
+        self.env = env  # under torchrun (align.parallel): all ranks agree on a stop, rank 0 saves
         self.log = log or (lambda m: None)
         self.stop = StopRequest(self.log)
         self.stopped_by: str | None = None
@@ -93,9 +94,21 @@ class Progress:
         """Called with the number of steps done; True when the loop must stop (a checkpoint was saved)."""
         if self.stop_after is not None and step >= self.stop_after and self.stop.requested is None:
             self.stop.requested = "stop_after"
+        if self.env is not None:
+            from .parallel import agree_stop
+
+            self.stop.requested = agree_stop(self.stop.requested, self.env)
         periodic = self.save_every and step % self.save_every == 0 and step < max_steps
         if self.stop.requested or periodic:
-            self.saved = save_checkpoint(self.out, step, save_model, {"kind": self.kind, **state()}, keep_last=1)
+            if self.env is None:
+                self.saved = save_checkpoint(self.out, step, save_model, {"kind": self.kind, **state()}, keep_last=1)
+            else:
+                from ..train.checkpoint import step_dir_name
+                from .parallel import main_only
+
+                main_only(self.env, lambda: save_checkpoint(self.out, step, save_model,
+                                                            {"kind": self.kind, **state()}, keep_last=1))
+                self.saved = self.out / step_dir_name(step)
         if self.stop.requested and step < max_steps:
             self.stopped_by = self.stop.requested
             self.log(f"stopped by {self.stopped_by} at step {step}: saved {self.saved}; "

@@ -126,9 +126,14 @@ def train_reward(init: str | Path, data: str | Path, out: str | Path, overrides:
                  stop_after: int | None = None, log=log_stderr) -> dict[str, Any]:
     """Bradley-Terry reward model from checkpoint `init`; OUT is a GPT2ForSequenceClassification checkpoint.
     Ctrl-C / SIGTERM (or `stop_after` steps, for tests) saves a resume checkpoint in OUT; `resume` continues it."""
+    from .parallel import check_batch, join, main_only, mean_metrics, shard
     from .resume import Progress, batch_loop_state, prepare_out, restore_batch_loop
 
+    env = join()  # torchrun: this rank's share of every batch, gradients averaged (align.parallel)
+    if not env.is_main:
+        log = lambda m: None  # noqa: E731 (rank 0 speaks for the job)
     o = options(overrides)
+    check_batch(int(o["batch_size"]), env)
     out, state, step_dir = prepare_out(out, "reward", overwrite, resume)
     policy, tokenizer, template = load_policy(init)
     block = min(int(o["block_size"]), policy.config.n_ctx)
@@ -143,7 +148,7 @@ def train_reward(init: str | Path, data: str | Path, out: str | Path, overrides:
         before = dict(state["before"])
         rm.load_state_dict(load_reward_model(step_dir)[0].state_dict())
     rm.train()
-    opt = Optimizer(rm, o)
+    opt = Optimizer(rm, o, env)
     take = cycle_batches(len(tc), int(o["batch_size"]), o["seed"] + 1)
     metrics: list[dict[str, Any]] = []
     max_steps, start = int(o["max_steps"]), 0
@@ -157,15 +162,15 @@ def train_reward(init: str | Path, data: str | Path, out: str | Path, overrides:
         save_reward_model(rm, init, d, {"resume_checkpoint": True})
 
     t0 = time.perf_counter()
-    with Progress(out, "reward", save_every, stop_after, log) as progress:
+    with Progress(out, "reward", save_every, stop_after, log, env) as progress:
         for step in range(start, max_steps):
-            rows = take()
+            rows = shard(take(), env)  # every rank draws the same global batch and keeps its share
             idx, _ = pad_batch([tc[i] for i in rows] + [tr[i] for i in rows], tokenizer.eos_id)
             rc, rr = rm(idx).chunk(2)
             loss = -torch.nn.functional.logsigmoid(rc - rr).mean()
             norm = opt.step(step, loss)
-            metrics.append({"step": step + 1, "loss": loss.item(), "grad_norm": norm,
-                            "accuracy": float((rc > rr).float().mean())})
+            m = mean_metrics({"loss": loss.item(), "accuracy": float((rc > rr).float().mean())}, env)
+            metrics.append({"step": step + 1, "loss": m["loss"], "grad_norm": norm, "accuracy": m["accuracy"]})
             if progress.after_step(step + 1, max_steps, save_rm, trainer_state):
                 return progress.report(step + 1)
     wall = time.perf_counter() - t0
@@ -177,16 +182,20 @@ def train_reward(init: str | Path, data: str | Path, out: str | Path, overrides:
     from ..fileio import atomic_dir, atomic_write_text
 
     extra = {"init": str(init), "data": str(data), "steps": int(o["max_steps"]), "lr": o["lr"],
-             "loss": "bradley-terry", "val_accuracy": after.get("accuracy")}
-    with atomic_dir(out, overwrite=out.exists()) as tmp:
-        save_reward_model(rm, init, tmp, extra)
-        if template is not None:
-            from .chat import save_chat_template
+             "loss": "bradley-terry", "val_accuracy": after.get("accuracy"), "processes": env.world_size}
 
-            save_chat_template(tmp, template)
-        import json
+    def write_out() -> None:
+        with atomic_dir(out, overwrite=out.exists()) as tmp:
+            save_reward_model(rm, init, tmp, extra)
+            if template is not None:
+                from .chat import save_chat_template
 
-        atomic_write_text(tmp / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
+                save_chat_template(tmp, template)
+            import json
+
+            atomic_write_text(tmp / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
+
+    main_only(env, write_out)
     log(f"reward model: {int(o['max_steps'])} steps in {wall:.1f} s"
         + (f"; held-out pair accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f}" if after else ""))
     return {"out": str(out), "steps": int(o["max_steps"]), "wall_s": wall,

@@ -165,9 +165,12 @@ def train_rlhf(init: str | Path, reward: str | RewardFn, out: str | Path, algo: 
     """RLOO or PPO from checkpoint `init`; OUT is the new checkpoint (+ metrics.jsonl). batch_size = prompts
     per step, k samples each. adaptive_kl None: adaptive when kl_target is given."""
     from .kl import KL_ESTIMATORS, kl_controller
+    from .parallel import join, refuse_world
     from .ppo import PolicyWithValue, PPOConfig, ppo_update
     from .resume import Progress, prepare_out, restore_rng, rng_state
 
+    # each rank would sample its own rollouts and whiten its own advantages: not built, so refused
+    refuse_world(join(), "rlhf")
     if algo not in ALGORITHMS:
         raise UserError(f"--algo must be one of {', '.join(ALGORITHMS)}, got {algo!r}")
     if k < (2 if algo == "rloo" else 1):

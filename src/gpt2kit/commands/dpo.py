@@ -2,6 +2,7 @@
 
   gpt2kit dpo --init SFT --data pairs.jsonl --out DPO [--beta 0.1 --loss sigmoid|ipo|hinge]
   gpt2kit dpo ... --resume          # continue an interrupted run (Ctrl-C / SIGTERM saves OUT/step-XXXXXX)
+  torchrun --standalone --nproc_per_node=2 -m gpt2kit dpo ...   # data parallel (Gloo), = one process
 
 pairs.jsonl: {"prompt": str or chat messages, "chosen": str, "rejected": str} per line. The reference is
 --init itself: its log-probs are computed once before training (one model in memory). OUT is a
@@ -34,11 +35,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..align.dpo import train_dpo
+    from ..align.parallel import job
     from ..hub import resolve_checkpoint
     from ..post.common import print_report, train_overrides
 
-    report = train_dpo(resolve_checkpoint(args.init, "--init"), args.data, args.out, beta=args.beta,
-                       loss_type=args.loss, overrides=train_overrides(args), val_fraction=args.val_fraction,
-                       overwrite=args.overwrite, resume=args.resume, save_every=args.save_every)
-    print_report(report, args.json)
+    with job() as env:  # under torchrun: data parallel, rank 0 writes and reports
+        report = train_dpo(resolve_checkpoint(args.init, "--init"), args.data, args.out, beta=args.beta,
+                           loss_type=args.loss, overrides=train_overrides(args), val_fraction=args.val_fraction,
+                           overwrite=args.overwrite, resume=args.resume, save_every=args.save_every)
+    if env.is_main:
+        print_report(report, args.json)
     return 0

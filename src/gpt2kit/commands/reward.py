@@ -2,6 +2,7 @@
 
   gpt2kit reward train --init SFT --data pairs.jsonl --out RM
   gpt2kit reward train ... --resume                        # continue an interrupted run
+  torchrun --standalone --nproc_per_node=2 -m gpt2kit reward train ...   # data parallel (Gloo)
   gpt2kit reward score --rm RM --data pairs.jsonl          # held-out style pair accuracy of any pairs file
   gpt2kit reward score --rm RM --prompt "Q: ..." --completion " A ..."
 
@@ -43,14 +44,17 @@ def run(args: argparse.Namespace) -> int:
     from ..post.common import print_report
 
     if args.action == "train":
+        from ..align.parallel import job
         from ..align.reward import train_reward
         from ..hub import resolve_checkpoint
         from ..post.common import train_overrides
 
-        report = train_reward(resolve_checkpoint(args.init, "--init"), args.data, args.out, train_overrides(args),
-                              val_fraction=args.val_fraction, overwrite=args.overwrite, resume=args.resume,
-                              save_every=args.save_every)
-        print_report(report, args.json)
+        with job() as env:  # under torchrun: data parallel, rank 0 writes and reports
+            report = train_reward(resolve_checkpoint(args.init, "--init"), args.data, args.out,
+                                  train_overrides(args), val_fraction=args.val_fraction, overwrite=args.overwrite,
+                                  resume=args.resume, save_every=args.save_every)
+        if env.is_main:
+            print_report(report, args.json)
         return 0
     from ..align.chat import load_chat_template
     from ..align.pairs import read_pairs
