@@ -1,24 +1,31 @@
-"""Mixture-of-Experts and cross-layer sharing vs dense GPT-2, one run, fixed seeds. Prints JSON.
+"""Mixture-of-Experts and cross-layer sharing vs dense GPT-2, fixed seeds. Prints JSON (one line per run).
 
-Character-level (bytes) tinyshakespeare: the first 90% trains, the last 10% validates. Every model sees the
-same batches (same seed) for the same number of steps, so tokens seen are equal.
+Character-level (bytes) tinyshakespeare (or the built-in corpus): the first 90% trains, the last 10%
+validates (every non-overlapping window of the val split). Every model sees the same batches (same seed)
+for the same number of steps, so tokens seen are equal.
 
-- MoE: dense vs E=8 top-1 (the same active parameters per token as dense: one 4C MLP per token) and E=8
-  top-2 (two experts per token: twice the active FFN parameters, listed), plus top-1 with alpha=0 to show
-  the imbalance the load-balancing loss removes. Load = the busiest expert's share of assignments over the
-  mean share, averaged over the MoE layers, over the second half of training (after warm-up).
-- Sharing: none / pairs / all at the same depth L (equal compute), and none at L/2 (the parameter count of
-  pairs at L).
-- tokens/s: training steps (forward + backward + AdamW) per wall second, timed after 5 warm-up steps.
+- MoE, at equal active parameters per token: dense (one 4C MLP per token) vs E=8 top-1 (Switch: one 4C
+  expert per token) and E=8 top-2 with experts of hidden width 2C (two half-width experts per token: the
+  FFN parameters a token passes through equal one 4C MLP's, only the router's E x C are extra), plus
+  top-1 with alpha=0 to show the imbalance the load-balancing loss removes.
+- Load: per training step and MoE layer, the busiest expert's share of the step's assignments (every
+  token's choices, counted before capacity drops anything) times E; averaged over layers and over the
+  steps of the second half of training (well after warm-up). `busiest_over_mean_window` is the same from
+  the counts summed over that whole window.
+- Sharing: none / pairs / all at the same depth L (equal compute), and none at L/2 (the parameter count
+  of pairs at L).
+- Optimizer: Muon for the hidden matrices (every expert's on its own) + AdamW for embeddings, gains,
+  biases and routers (train/muon.py), or AdamW alone; linear warm-up then cosine to 10%.
+- tokens/s: training steps (forward + backward + optimizer) per wall second, timed after 5 warm-up steps;
+  only meaningful under the bench lock on a quiet machine (use a short --steps for that).
 
-  python benchmarks/moe.py [--input tinyshakespeare.txt] [--steps 250] [--threads 1]
+  python benchmarks/moe.py [--input tinyshakespeare.txt] [--steps 3000] [--runs dense,moe_e8_top1,...]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import subprocess
@@ -30,7 +37,9 @@ import torch
 
 from gpt2kit.model.config import GPT2Config
 from gpt2kit.model.gpt2 import GPT2Network
-from gpt2kit.model.moe import read_moe_metrics
+from gpt2kit.model.moe import moe_layers, read_moe_metrics
+from gpt2kit.train.muon import Muon, muon_param_groups
+from gpt2kit.train.optim import build_optimizer, cosine_lr, set_lr
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_INPUT = Path(os.environ.get("GPT2KIT_SHARED_DATA", REPO.parent / "shared" / "data")) / "tinyshakespeare.txt"
@@ -58,9 +67,10 @@ def batches(data: np.ndarray, steps: int, batch: int, block: int, seed: int):
 
 
 @torch.no_grad()
-def val_loss(model: GPT2Network, data: np.ndarray, block: int, max_windows: int = 256) -> float:
+def val_loss(model: GPT2Network, data: np.ndarray, block: int, max_windows: int | None = None) -> float:
+    """Mean next-byte loss (nats) over non-overlapping windows of the val split (all of them by default)."""
     model.eval()
-    n = min((len(data) - 1) // block, max_windows)
+    n = (len(data) - 1) // block if max_windows is None else min((len(data) - 1) // block, max_windows)
     x = torch.from_numpy(data[: n * block].reshape(n, block))
     y = torch.from_numpy(data[1 : n * block + 1].reshape(n, block))
     total = sum(float(model(x[i : i + 32], targets=y[i : i + 32]).loss) * len(x[i : i + 32]) for i in range(0, n, 32))
@@ -83,15 +93,25 @@ def active_params(model: GPT2Network) -> int:
     return body + c.vocab_size * c.n_embd + c.n_ctx * c.n_embd + 2 * c.n_embd
 
 
+def make_optimizer(model: GPT2Network, args) -> torch.optim.Optimizer:
+    if args.optimizer == "muon":
+        return Muon(muon_param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
+    return build_optimizer(model, args.lr, args.weight_decay, (0.9, 0.95))
+
+
+def lr_at_step(step: int, args) -> float:
+    return cosine_lr(step, args.lr, args.warmup, args.steps, 0.1 * args.lr)
+
+
 def train(name: str, cfg: GPT2Config, train_data, val_data, args) -> dict:
     torch.manual_seed(args.seed)
     model = GPT2Network(cfg).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.1)
-    busiest, drops, t_timed, timed_steps = [], [], 0.0, 0
+    opt = make_optimizer(model, args)
+    busiest, drops, window_counts, t_timed, timed_steps, curve = [], [], None, 0.0, 0, {}
+    checkpoints = {args.steps * q // 4 for q in (1, 2, 3)}
+    t_start = time.perf_counter()
     for step, (x, y) in enumerate(batches(train_data, args.steps, args.batch, args.block, args.seed)):
-        lr = args.lr * min(1.0, (step + 1) / 30) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
-        for g in opt.param_groups:
-            g["lr"] = lr
+        set_lr(opt, lr_at_step(step, args))
         t0 = time.perf_counter()
         out = model(x, targets=y)
         loss = out.loss + (out.aux_loss if out.aux_loss is not None else 0.0)
@@ -102,21 +122,34 @@ def train(name: str, cfg: GPT2Config, train_data, val_data, args) -> dict:
         if step >= 5:
             t_timed += time.perf_counter() - t0
             timed_steps += 1
+        counts = [layer.stats.routed.clone() for layer in moe_layers(model)]
         m = read_moe_metrics(model)
         if m and step >= args.steps // 2:
             busiest.append(sum(max(load) * len(load) for load in m["moe_load"]) / len(m["moe_load"]))
             drops.append(m["moe_dropped"])
+            c = torch.stack(counts)
+            window_counts = c if window_counts is None else window_counts + c
+        if step + 1 in checkpoints:  # a coarse curve: is the run still improving?
+            curve[step + 1] = round(val_loss(model, val_data, args.block, 256), 4)
     row = {
         "name": name,
         "params": model.num_params(),
         "active_params_per_token": active_params(model),
         "val_loss": round(val_loss(model, val_data, args.block), 4),
+        "val_curve_256_windows": curve,
         "tokens_per_s": round(timed_steps * args.batch * args.block / max(t_timed, 1e-9), 1),
+        "wall_s": round(time.perf_counter() - t_start, 1),
     }
     if busiest:
         row["busiest_over_mean"] = round(sum(busiest) / len(busiest), 3)
+        share = window_counts.double() / window_counts.sum(1, keepdim=True)
+        row["busiest_over_mean_window"] = round(float((share.max(1).values * share.shape[1]).mean()), 3)
+        row["busiest_over_mean_per_layer"] = [round(float(v), 3) for v in share.max(1).values * share.shape[1]]
         row["dropped_share"] = round(sum(drops) / len(drops), 4)
     print(json.dumps(row), flush=True)
+    if args.out:
+        with args.out.open("a") as f:
+            f.write(json.dumps(row | {"args": {k: str(v) for k, v in vars(args).items()}}) + "\n")
     return row
 
 
@@ -132,42 +165,51 @@ def machine() -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--input", type=Path, default=DEFAULT_INPUT)
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--block", type=int, default=64)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--embd", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--optimizer", choices=["muon", "adamw"], default="muon")
+    ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--threads", type=int, default=1)  # 2 threads on a shared 2-core box ran 10x slower
     ap.add_argument("--only", choices=["moe", "share"], default=None)
+    ap.add_argument("--runs", default="", help="comma-separated run names (default: every run of the selection)")
+    ap.add_argument("--out", type=Path, default=None, help="append each run's row (JSON line) to this file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     train_data, val_data = load_bytes(args.input)
-    base = dict(vocab_size=256, n_ctx=args.block, n_layer=args.layers, n_head=4, n_embd=args.embd, dropout=0.0,
+    C, L = args.embd, args.layers
+    base = dict(vocab_size=256, n_ctx=args.block, n_layer=L, n_head=4, n_embd=C, dropout=0.0,
                 attn_dropout=0.0, eos_token_id=0)
+    moe_runs = {
+        "dense": {},
+        "moe_e8_top1": dict(moe_experts=8, moe_top_k=1),
+        "moe_e8_top2_half": dict(moe_experts=8, moe_top_k=2, moe_expert_hidden=2 * C),
+        "moe_e8_top1_alpha0": dict(moe_experts=8, moe_top_k=1, moe_aux_loss_coef=0.0),
+    }
+    share_runs = {
+        f"none_L{L}": dict(share_layers="none"),  # the same model, seed and batches as "dense"
+        f"pairs_L{L}": dict(share_layers="pairs"),
+        f"all_L{L}": dict(share_layers="all"),
+        f"none_L{L // 2}": dict(share_layers="none", n_layer=L // 2),
+    }
+    selected = {"moe": moe_runs, "share": share_runs, None: moe_runs | share_runs}[args.only]
+    names = [n for n in args.runs.split(",") if n] or list(selected)
+    unknown = [n for n in names if n not in moe_runs | share_runs]
+    if unknown:
+        raise SystemExit(f"unknown run {unknown[0]!r}; runs: {', '.join(moe_runs | share_runs)}")
     out: dict = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}}
-    if args.only != "share":
-        runs = {
-            "dense": {},
-            "moe_e8_top1": dict(moe_experts=8, moe_top_k=1),
-            "moe_e8_top2": dict(moe_experts=8, moe_top_k=2),
-            "moe_e8_top1_alpha0": dict(moe_experts=8, moe_top_k=1, moe_aux_loss_coef=0.0),
-        }
-        rows = {n: train(n, GPT2Config(**(base | kw)), train_data, val_data, args) for n, kw in runs.items()}
+    rows = {n: train(n, GPT2Config(**(base | (moe_runs | share_runs)[n])), train_data, val_data, args) for n in names}
+    if "dense" in rows:
         dense = rows["dense"]
         for r in rows.values():
             r["val_loss_minus_dense"] = round(r["val_loss"] - dense["val_loss"], 4)
             r["speed_vs_dense"] = round(r["tokens_per_s"] / dense["tokens_per_s"], 3)
-        out["moe"] = list(rows.values())
-    if args.only != "moe":
-        runs = {
-            f"none_L{args.layers}": dict(share_layers="none"),
-            f"pairs_L{args.layers}": dict(share_layers="pairs"),
-            f"all_L{args.layers}": dict(share_layers="all"),
-            f"none_L{args.layers // 2}": dict(share_layers="none", n_layer=args.layers // 2),
-        }
-        out["share"] = [train(n, GPT2Config(**(base | kw)), train_data, val_data, args) for n, kw in runs.items()]
+    out["runs"] = list(rows.values())
     print(json.dumps(out, indent=1))
 
 

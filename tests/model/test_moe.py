@@ -144,7 +144,8 @@ def test_training_metrics_report_per_expert_load():
 
 
 @pytest.mark.parametrize("kw", [dict(moe_experts=2, moe_top_k=3), dict(moe_experts=4, moe_capacity_factor=0),
-                                dict(moe_experts=4, moe_eval_capacity_factor=-1.0)])
+                                dict(moe_experts=4, moe_eval_capacity_factor=-1.0),
+                                dict(moe_experts=4, moe_expert_hidden=-8)])
 def test_bad_moe_config_is_a_user_error(kw):
     with pytest.raises(ConfigError) as e:
         cfg(**kw)
@@ -170,6 +171,23 @@ def test_moe_checkpoint_round_trips_exactly_and_transformers_refuses_it(tmp_path
     transformers = pytest.importorskip("transformers")
     with pytest.raises((ValueError, KeyError, OSError)):
         transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_narrow_experts_have_their_width_and_round_trip(tmp_path):
+    from gpt2kit.model import GPT2
+
+    torch.manual_seed(0)
+    model = GPT2(cfg(moe_experts=4, moe_top_k=2, moe_expert_hidden=48)).eval()
+    expert = model.transformer.h[0].mlp.experts[1]
+    assert expert.c_fc.weight.shape == (48, 32) and expert.c_proj.weight.shape == (32, 48)
+    assert model.transformer.h[0].mlp.router.weight.shape == (4, 32)
+    # width 0 is GPT-2's 4C: the default model is unchanged
+    assert GPT2Network(cfg(moe_experts=4)).transformer.h[0].mlp.experts[0].c_fc.weight.shape == (128, 32)
+    model.save_pretrained(tmp_path)
+    back = GPT2.from_pretrained(tmp_path)
+    assert back.config.moe_expert_hidden == 48
+    idx = torch.randint(0, 96, (2, 10))
+    assert torch.equal(model(idx).logits, back(idx).logits)
 
 
 def test_quantize_and_prune_cover_the_experts():

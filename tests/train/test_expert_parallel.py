@@ -1,4 +1,5 @@
-"""Expert parallelism: 2 Gloo ranks (experts sharded, tokens exchanged all-to-all) == one process."""
+"""Expert parallelism: 2 Gloo ranks (experts sharded, tokens exchanged all-to-all; the rest DDP or FSDP2)
+== one process."""
 
 from __future__ import annotations
 
@@ -18,17 +19,23 @@ from gpt2kit.train.expert_parallel import shard_experts
 SCRIPT = Path(__file__).parent / "dist_scripts" / "ep_parity.py"
 
 
-@pytest.mark.slow  # two forked Gloo ranks: ~15 s on an idle 2-core machine (minutes when it is shared)
-def test_two_expert_parallel_ranks_match_one_process_after_10_steps(tmp_path):
+def _run_script(out: Path, strategy: str, name: str) -> tuple[dict, dict]:
+    """Run dist_scripts/ep_parity.py; the one-process and the 2-rank final state dicts (the same keys)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], env=env, capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(out), strategy], env=env, capture_output=True,
+                          text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    single = torch.load(tmp_path / "single.pt", weights_only=True)
-    ep = torch.load(tmp_path / "ep2.pt", weights_only=True)
+    single = torch.load(out / "single.pt", weights_only=True)
+    ep = torch.load(out / f"{name}.pt", weights_only=True)
     assert single.keys() == ep.keys()
+    return single, ep
+
+
+@pytest.mark.slow  # two forked Gloo ranks: ~15 s on an idle 2-core machine (minutes when it is shared)
+def test_two_expert_parallel_ranks_match_one_process_after_10_steps(tmp_path):
+    single, ep = _run_script(tmp_path, "ddp", "ep2")
     assert max((single[k] - ep[k]).abs().max().item() for k in single) < 1e-6
     # each rank held half the experts and half their AdamW state, all of the rest; the clip was global
     one = torch.load(tmp_path / "single.rank0.sizes.pt", weights_only=True)
@@ -43,6 +50,19 @@ def test_two_expert_parallel_ranks_match_one_process_after_10_steps(tmp_path):
     init = _model_like_script().state_dict()
     assert (init["transformer.h.1.mlp.experts.3.c_fc.weight"].double()
             - single["transformer.h.1.mlp.experts.3.c_fc.weight"]).abs().max() > 1e-3
+
+
+@pytest.mark.slow  # two forked Gloo ranks under FSDP2
+def test_fsdp_dense_part_with_expert_parallel_matches_one_process_after_10_steps(tmp_path):
+    single, ep = _run_script(tmp_path, "fsdp", "ep2_fsdp")
+    assert max((single[k] - ep[k]).abs().max().item() for k in single) < 1e-6
+    one = torch.load(tmp_path / "single.rank0.sizes.pt", weights_only=True)
+    ranks = [torch.load(tmp_path / f"ep2_fsdp.rank{r}.sizes.pt", weights_only=True) for r in (0, 1)]
+    for mine in ranks:  # half the experts and their AdamW state per rank, as under DDP
+        assert 2 * mine["expert_params"] == one["expert_params"] and 2 * mine["expert_optim"] == one["expert_optim"]
+        assert mine["dense_params"] < 0.6 * one["dense_params"]  # and now the dense part is sharded too
+        assert mine["norm"] > 0.5 and abs(mine["norm"] - one["norm"]) < 1e-9
+    assert sum(m["dense_params"] for m in ranks) == one["dense_params"]  # FSDP's shards: every element once
 
 
 def _model_like_script() -> GPT2Network:
@@ -62,9 +82,9 @@ def test_experts_not_divisible_by_the_world_size_is_one_line():
         shard_experts(_model(4), 0, 3, "ddp")
     with pytest.raises(UserError, match="needs an MoE model"):
         shard_experts(GPT2Network(GPT2Config.from_preset("gpt2-tiny")), 0, 2, "ddp")
-    for strategy in ("fsdp", "zero1"):
-        with pytest.raises(UserError, match="composes with --strategy ddp"):
-            shard_experts(_model(4), 0, 2, strategy)
+    with pytest.raises(UserError, match="composes with --strategy ddp or fsdp .* not 'zero1'"):
+        shard_experts(_model(4), 0, 2, "zero1")
+    assert shard_experts(_model(4), 0, 2, "fsdp") is not None  # FSDP shards the dense part (test below)
     assert shard_experts(_model(4), 0, 1, "ddp") is None  # one process: nothing to shard
 
 

@@ -47,8 +47,17 @@ def test_shared_layers_train_and_report_honest_parameter_counts(shards, tmp_path
     assert {n.split(".")[2] for n in names if n.startswith("transformer.h.")} == {"0", "1"}
 
 
+def test_expert_width_flag_reaches_the_checkpoint(shards, tmp_path):
+    out = tmp_path / "run"
+    _run(tiny_flags(shards, out, moe_experts=4, moe_top_k=2, moe_expert_hidden=24, max_steps=2))
+    cfg = json.loads((out / "step-000002" / "config.json").read_text())
+    assert cfg["gpt2kit_variant"]["moe_expert_hidden"] == 24
+    assert params_of(out / "step-000002")["transformer.h.0.mlp.experts.3.c_fc.weight"].shape[0] == 24
+
+
 @pytest.mark.parametrize("flags,needle", [(["--moe-experts", "2", "--moe-top-k", "3"], "moe_top_k"),
-                                          (["--moe-experts", "4", "--moe-capacity-factor", "0"], "moe_capacity_factor")])
+                                          (["--moe-experts", "4", "--moe-capacity-factor", "0"], "moe_capacity_factor"),
+                                          (["--moe-experts", "4", "--moe-expert-hidden", "-1"], "moe_expert_hidden")])
 def test_bad_moe_flags_are_one_line_exit_2(shards, tmp_path, capsys, flags, needle):
     argv = ["train", "--data", str(shards), "--out", str(tmp_path / "r"), "--preset", "gpt2-tiny",
             "--device", "cpu", "--max-steps", "1", *flags]

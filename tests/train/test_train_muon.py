@@ -83,6 +83,31 @@ def test_param_groups_put_matrices_in_muon_and_embeddings_biases_norms_in_adamw(
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))  # each tensor once
 
 
+def test_moe_router_takes_adamw_and_each_expert_is_orthogonalised_on_its_own():
+    torch.manual_seed(0)
+    model = GPT2Network(GPT2Config(vocab_size=64, n_ctx=16, n_layer=2, n_head=2, n_embd=16, eos_token_id=63,
+                                   moe_experts=3, moe_top_k=2))
+    groups = muon_param_groups(model, weight_decay=0.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon = {names[id(p)] for g in groups if g["use_muon"] for p in g["params"]}
+    adam = {names[id(p)] for g in groups if not g["use_muon"] for p in g["params"]}
+    assert {f"transformer.h.{i}.mlp.router.weight" for i in range(2)} <= adam
+    assert {f"transformer.h.1.mlp.experts.{e}.c_fc.weight" for e in range(3)} <= muon
+    # one Muon step moves each expert by ITS OWN orthogonalised gradient: another expert's gradient does
+    # not leak into it (a stacked [E, out, in] tensor would need the per-leading-index form to say the same)
+    experts = [model.transformer.h[0].mlp.experts[e].c_fc.weight for e in range(3)]
+    before = [w.detach().clone() for w in experts]
+    grads = [torch.randn_like(w) * (10.0**e) for e, w in enumerate(experts)]  # very different scales
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    for w, g in zip(experts, grads):
+        w.grad = g.clone()
+    Muon(groups, lr=1.0, momentum=0.0, nesterov=False).step()
+    for w, b, g in zip(experts, before, grads):
+        expected = b - 0.2 * math.sqrt(max(g.shape)) * orthogonalize(g)
+        torch.testing.assert_close(w.detach(), expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     return write_shards(tmp_path_factory.mktemp("shards"))

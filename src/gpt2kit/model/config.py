@@ -42,6 +42,7 @@ class GPT2Config:
     moe_dropless: bool = False  # no capacity limit at all
     moe_aux_loss_coef: float = 0.01  # Switch load-balancing loss alpha
     moe_z_loss_coef: float = 1e-3  # ST-MoE router z-loss
+    moe_expert_hidden: int = 0  # hidden width of each expert; 0 = GPT-2's 4 * n_embd (narrower: fine-grained experts)
     # cross-layer weight sharing: "none" (GPT-2), "all" (ALBERT), "pairs" (each block applied twice, MobileLLM-LS)
     share_layers: str = "none"
 
@@ -274,6 +275,9 @@ def _check_variant(c: GPT2Config) -> None:
         v = getattr(c, name)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
             raise ConfigError(f"model config: {name} must be a number >= 0, got {v!r}")
+    h = c.moe_expert_hidden
+    if isinstance(h, bool) or not isinstance(h, int) or h < 0:
+        raise ConfigError(f"model config: moe_expert_hidden must be an integer >= 0 (0 = 4 * n_embd), got {h!r}")
     if not isinstance(c.moe_dropless, bool):
         raise ConfigError(f"model config: moe_dropless must be true or false, got {c.moe_dropless!r}")
     if c.share_layers not in SHARE_LAYERS:

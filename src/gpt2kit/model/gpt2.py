@@ -95,10 +95,11 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: GPT2Config):
+    def __init__(self, config: GPT2Config, hidden: int = 0):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        hidden = hidden or 4 * config.n_embd  # an MoE expert may be narrower (config.moe_expert_hidden)
+        self.c_fc = nn.Linear(config.n_embd, hidden)
+        self.c_proj = nn.Linear(hidden, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -115,7 +116,7 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         is_moe = config.moe_experts > 0 and (index + 1) % config.moe_every == 0
-        self.mlp = MoEMLP(config, lambda: MLP(config)) if is_moe else MLP(config)
+        self.mlp = MoEMLP(config, lambda: MLP(config, config.moe_expert_hidden)) if is_moe else MLP(config)
 
     def forward(self, x, attn_mask=None, is_causal=True, kv_cache=None, layer=0, last_only=False):
         """last_only: only the last position's output (the model's last block, when only the last

@@ -46,6 +46,7 @@ class ModelCfg:
     moe_dropless: bool = False
     moe_aux_loss_coef: float | None = None
     moe_z_loss_coef: float | None = None
+    moe_expert_hidden: int | None = None
     share_layers: str = "none"
 
 
@@ -158,6 +159,7 @@ HELP: dict[str, str] = {
     "moe_capacity_factor": "expert capacity factor in training", "moe_eval_capacity_factor": "... in evaluation",
     "moe_dropless": "no expert capacity limit", "moe_aux_loss_coef": "load-balancing loss alpha (default 0.01)",
     "moe_z_loss_coef": "router z-loss coefficient (default 1e-3)",
+    "moe_expert_hidden": "hidden width of each expert (default 4 * n_embd)",
     "share_layers": "cross-layer weight sharing: none | all (ALBERT) | pairs (MobileLLM-LS)",
     "expert_parallel": "under torchrun: shard MoE experts over ranks (all-to-all)",
 }

@@ -250,6 +250,7 @@ def wrap_model(
     env: DistEnv,
     reshard_after_forward: bool = True,
     mixed_precision: str | torch.dtype | None = None,
+    ignored_params: set[nn.Parameter] | None = None,
 ) -> nn.Module:
     """Make `model` data-parallel with `strategy`; identity for one process.
 
@@ -257,6 +258,8 @@ def wrap_model(
     sharded DTensor parameters. Load resume weights into the bare model BEFORE it (DDP broadcasts
     rank 0's weights; FSDP shards whatever each rank holds).
     `mixed_precision` only affects FSDP (its parameter all-gather dtype); DDP uses the trainer's autocast.
+    `ignored_params` (FSDP only): parameters FSDP leaves alone -- not sharded, not gathered, gradients not
+    reduced (expert parallelism's experts, which differ per rank; train/expert_parallel.py).
     """
     _check_strategy(strategy)
     if strategy == "none" or not env.distributed or env.world_size == 1:
@@ -277,11 +280,13 @@ def wrap_model(
 
     mesh = init_device_mesh(env.device.type, (env.world_size,))
     mp = _mp_policy(mixed_precision)
+    ignored = set(ignored_params) if ignored_params else None
     for block in transformer_blocks(model):
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp,
+                    ignored_params=ignored)
     # The root group holds what no block owns: wte (tied with lm_head: one tensor, one group), wpe, ln_f.
     # It is needed again as soon as backward starts, so keep it gathered after forward.
-    fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=mp)
+    fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=mp, ignored_params=ignored)
     return model
 
 
@@ -392,7 +397,18 @@ def build_optimizer(
         return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, **adamw_kwargs)
     if strategy == "fsdp" and env.distributed and env.world_size > 1 and adamw_kwargs.get("fused"):
         adamw_kwargs = {**adamw_kwargs, "fused": False, "foreach": True}  # fused kernels take no DTensors
+    if strategy == "fsdp" and adamw_kwargs.get("foreach") and _mixes_dtensors(groups):
+        # expert parallel under FSDP: sharded DTensor parameters next to the experts' plain tensors, which
+        # one foreach kernel cannot take together; the per-tensor loop computes the same update
+        adamw_kwargs = {**adamw_kwargs, "foreach": False}
     return torch.optim.AdamW(groups, **adamw_kwargs)
+
+
+def _mixes_dtensors(groups: list[dict[str, Any]]) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    kinds = {isinstance(p, DTensor) for g in groups for p in g["params"]}
+    return len(kinds) > 1
 
 
 def _is_zero(optimizer: torch.optim.Optimizer) -> bool:

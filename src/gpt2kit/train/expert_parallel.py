@@ -16,6 +16,12 @@ different experts); everything else is all-reduced by DDP as usual. The trainer 
 by W for DDP's mean, so an expert gradient is divided by W here (a tensor hook). The gradient-norm clip
 adds the ranks' expert norms (an all-reduce of the squared norm).
 
+FSDP for the dense part (`--strategy fsdp`): `fully_shard` is given the experts as `ignored_params`, so
+it shards, gathers and reduce-scatters (a mean, like DDP's) only the dense parameters; the experts stay
+plain tensors owned by one rank, exactly as under DDP. ZeRO-1 is refused: ZeroRedundancyOptimizer
+partitions one parameter list over the ranks and broadcasts each updated tensor from its owner, which
+would overwrite one rank's experts with another's (they sit at the same positions of the list).
+
 Checkpoints: `gather_state_dict` sends the experts to rank 0 one tensor at a time, which writes the same
 HF-style directory as a one-process run (eval / generate / quantize load it unchanged). The optimizer
 state goes through torch.distributed.checkpoint keyed by parameter name like DDP's, each rank writing
@@ -34,12 +40,14 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from ..errors import UserError
 from ..model.moe import MoEMLP, Routing, moe_layers
 from . import distributed as dist_api
 
 _EXPERT = re.compile(r"\.experts\.(\d+)\.")
+_KERNEL_FLAGS = ("fused", "foreach", "capturable", "differentiable")  # how a step runs, not what it computes
 
 
 class LocalExperts(nn.Module):
@@ -101,9 +109,11 @@ def check_expert_parallel(model: nn.Module, world_size: int, strategy: str) -> l
     layers = moe_layers(model)
     if not layers:
         raise UserError("--expert-parallel needs an MoE model (--moe-experts E)")
-    if strategy != "ddp":
-        # ZeRO-1 and FSDP partition one replicated parameter list; the ranks' experts are different tensors
-        raise UserError(f"--expert-parallel shards the experts itself and composes with --strategy ddp, got {strategy!r}")
+    if strategy not in ("ddp", "fsdp"):
+        # ZeRO-1 partitions one replicated parameter list and broadcasts each tensor from its owner: the
+        # ranks' experts are different tensors at the same positions, so one rank's would overwrite another's
+        raise UserError(f"--expert-parallel composes with --strategy ddp or fsdp (the dense part sharded), "
+                        f"not {strategy!r}: ZeRO-1 would broadcast one rank's experts over another's")
     E = layers[0].num_experts
     if E % world_size:
         raise UserError(f"--expert-parallel: moe_experts={E} is not divisible by the world size {world_size}")
@@ -130,8 +140,8 @@ class ExpertShards:
         names = {id(p): name for name, p in model.named_parameters()}
         self.params = [p for layer in layers for p in layer.experts.parameters()]
         self.param_names = [names[id(p)] for p in self.params]
-        expert_ids = {id(p) for p in self.params}
-        self.dense_params = [p for p in model.parameters() if id(p) not in expert_ids]
+        self._expert_ids = {id(p) for p in self.params}
+        self._model = model
         W = world_size
         for p in self.params:
             # the trainer weights each rank's loss by W for DDP's mean; DDP does not see these
@@ -140,6 +150,17 @@ class ExpertShards:
         exchange = ExpertExchange(rank, world_size)
         for layer in layers:
             layer.expert_parallel = exchange
+
+    @property
+    def dense_params(self) -> list[nn.Parameter]:
+        """Every parameter but this rank's experts, read from the model each time: FSDP replaces the
+        dense parameters by DTensor ones when it wraps the model (the ignored experts stay)."""
+        return [p for p in self._model.parameters() if id(p) not in self._expert_ids]
+
+    @property
+    def ignored_params(self) -> set[nn.Parameter]:
+        """This rank's expert parameters: what FSDP must leave alone (wrap_model's ignored_params)."""
+        return set(self.params)
 
     def num_params(self, local: int) -> int:
         """The whole model's parameter count from this rank's (every rank holds as many experts)."""
@@ -154,14 +175,20 @@ class ExpertShards:
             grads = [p.grad for p in params if p.grad is not None]
             if not grads:
                 return torch.zeros((), device=device)
-            return torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True).square()
+            norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
+            if isinstance(norm, DTensor):  # FSDP: each rank holds shards of the dense gradients
+                norm = norm.full_tensor()
+            return norm.square()
 
         device = self.dense_params[0].device
         experts = norm_sq(self.params, device).to(device)
         dist.all_reduce(experts)
         total = (norm_sq(self.dense_params, device) + experts).sqrt()
-        params = [p for p in [*self.dense_params, *self.params] if p.grad is not None]
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+        # two calls: one foreach kernel cannot take FSDP's DTensor gradients and the experts' plain ones
+        for group in (self.dense_params, self.params):
+            params = [p for p in group if p.grad is not None]
+            if params:
+                torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
         return total
 
     # --- model state ----------------------------------------------------------------------------------
@@ -172,7 +199,11 @@ class ExpertShards:
         bare = dist_api.unwrap(model)
         local = bare.state_dict()
         device = next(bare.parameters()).device
-        full = {k: v.detach().to("cpu", copy=True) for k, v in local.items()} if self.rank == 0 else {}
+        full = {}
+        for k, v in local.items():  # the same order on every rank: FSDP's full_tensor is a collective
+            v = v.full_tensor() if isinstance(v, DTensor) else v
+            if self.rank == 0:
+                full[k] = v.detach().to("cpu", copy=True)
         for layer in self.layer_names:
             for e in range(self.local, self.experts):  # rank 0 owns the first E/W
                 owner = e // self.local
@@ -231,17 +262,25 @@ class ExpertShards:
         for g, loaded in zip(optimizer.param_groups, template["param_groups"]):
             for p in g["params"]:
                 optimizer.state[p] = template["state"][names[id(p)]]
-            g.update({k: v for k, v in loaded.items() if k != "params"})
+            # the hyperparameters come from the checkpoint, the kernel choice stays this run's: a DDP run's
+            # fused AdamW cannot step FSDP's DTensors next to the experts' plain tensors
+            g.update({k: v for k, v in loaded.items() if k not in ("params", *_KERNEL_FLAGS)})
 
 
 def shard_experts(model: nn.Module, rank: int, world_size: int, strategy: str) -> ExpertShards | None:
     """Keep only this rank's experts of every MoE layer of `model` (call before wrapping it in DDP and
     before building the optimizer); None for one process. A UserError (one line) when the model has no
-    MoE layer, the strategy is not ddp, or E is not divisible by the world size."""
+    MoE layer, the strategy is neither ddp nor fsdp, or E is not divisible by the world size."""
     layers = check_expert_parallel(model, world_size, strategy)
     if world_size == 1:
         return None
     return ExpertShards(model, layers, rank, world_size)
+
+
+def _local_bytes(t: torch.Tensor) -> int:
+    """Bytes of `t` this process holds (an FSDP DTensor: its shard, not the global tensor)."""
+    t = t.to_local() if isinstance(t, DTensor) else t
+    return t.numel() * t.element_size()
 
 
 def expert_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
@@ -253,9 +292,9 @@ def expert_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = Non
             continue
         seen.add(id(p))
         kind = "expert" if _EXPERT.search(name) else "dense"
-        out[f"{kind}_params"] += p.numel() * p.element_size()
+        out[f"{kind}_params"] += _local_bytes(p)
         if optimizer is not None and p in optimizer.state:
-            out[f"{kind}_optim"] += sum(t.numel() * t.element_size() for t in optimizer.state[p].values()
+            out[f"{kind}_optim"] += sum(_local_bytes(t) for t in optimizer.state[p].values()
                                         if isinstance(t, torch.Tensor))
     return out
 

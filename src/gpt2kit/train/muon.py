@@ -9,8 +9,12 @@ The update is scaled as in Moonlight (Liu et al. 2025), 0.2 * sqrt(max(rows, col
 root-mean-square of a typical AdamW update: one learning rate and one schedule serve both kinds of
 parameter. Embeddings (the tied head among them), biases and LayerNorm gains take AdamW, as every
 Muon recipe does. GPT-2's fused query/key/value matrix is orthogonalised as its three blocks (the
-`split` of its group), each a matrix of its own. Tensors of more than two dimensions (stacked MoE
-experts) are orthogonalised per leading index.
+`split` of its group), each a matrix of its own. MoE experts are separate modules (model/moe.py), so
+each expert's matrices are orthogonalised on their own, never one expert's update mixed into
+another's; tensors of more than two dimensions (stacked experts) would be orthogonalised per leading
+index. An MoE router [E, C] takes AdamW: it is a small classifier whose logits' scale decides the
+routing, and orthogonalising its update would push every one of its E directions at the same rate,
+the rarely chosen experts' as hard as the busy ones' (Muon recipes give output heads AdamW likewise).
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
 
 def muon_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Three groups: hidden matrices (Muon; the fused q/k/v split in three), and AdamW with and without
-    decay. Embeddings are AdamW's (the tied head with them); each tensor appears once."""
+    decay. Embeddings and MoE routers are AdamW's (the tied head with the embeddings); each tensor appears
+    once."""
     embedding_params = {
         id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)
     }
@@ -53,7 +58,7 @@ def muon_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, A
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        if p.dim() >= 2 and id(p) not in embedding_params:
+        if p.dim() >= 2 and id(p) not in embedding_params and not name.endswith("mlp.router.weight"):
             (qkv if name.endswith("attn.c_attn.weight") else hidden).append(p)
         else:
             no_decay.append(p)

@@ -307,7 +307,7 @@ def _variant_overrides(m) -> dict[str, Any]:
     if m.moe_experts:
         out["moe_experts"] = m.moe_experts
     for k in ("moe_top_k", "moe_every", "moe_capacity_factor", "moe_eval_capacity_factor", "moe_aux_loss_coef",
-              "moe_z_loss_coef"):
+              "moe_z_loss_coef", "moe_expert_hidden"):
         if getattr(m, k) is not None:
             out[k] = getattr(m, k)
     if m.moe_dropless:
@@ -449,6 +449,8 @@ class Trainer:
             model, r.strategy if self.env.world_size > 1 else "none", self.env,
             reshard_after_forward=r.reshard_after_forward,
             mixed_precision=r.dtype if r.strategy == "fsdp" else None,
+            # FSDP under expert parallel shards the dense part only: the experts stay with the all-to-all
+            ignored_params=self.experts.ignored_params if self.experts is not None else None,
         )
         o = cfg.optim
         strategy = r.strategy if self.env.world_size > 1 else "none"

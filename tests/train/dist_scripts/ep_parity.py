@@ -1,13 +1,14 @@
 """Expert-parallel MoE training on 2 Gloo ranks vs one process (tests/train/test_expert_parallel.py).
 
-    python ep_parity.py OUT_DIR
+    python ep_parity.py OUT_DIR [ddp|fsdp]
 
 One process trains a tiny MoE GPT-2 (E=4, top-2, capacity factor 1.0, so tokens are dropped) for 10 AdamW
 steps (gradient norm clipped at 0.5), each step's global batch as 2 micro-batches (the trainer's
-forward_backward); then 2 ranks train the same steps under DDP with the experts sharded (2 per rank), each
-rank one half of the batch. Both write their final parameters (the ranks' gathered on rank 0) to
-OUT_DIR/<name>.pt and each rank its parameter / AdamW bytes to OUT_DIR/<name>.rank<r>.sizes.pt. This
-script asserts nothing.
+forward_backward); then 2 ranks train the same steps with the experts sharded (2 per rank) and the rest
+under DDP (default) or FSDP2 (the dense part sharded, the experts left to the all-to-all), each rank one
+half of the batch. Both write their final parameters (the ranks' gathered on rank 0) to OUT_DIR/<name>.pt
+(name: single, ep2 under DDP, ep2_fsdp) and each rank its parameter / AdamW bytes to
+OUT_DIR/<name>.rank<r>.sizes.pt. This script asserts nothing.
 """
 
 from __future__ import annotations
@@ -39,11 +40,12 @@ def config() -> GPT2Config:
                                   attn_dropout=0.0, moe_experts=4, moe_top_k=2, moe_capacity_factor=1.0)
 
 
-def run(env: D.DistEnv, out: Path, name: str) -> None:
+def run(env: D.DistEnv, out: Path, name: str, strategy: str = "ddp") -> None:
     torch.manual_seed(0)
     model = GPT2(config()).to(torch.float64).train()
-    shards = shard_experts(model, env.rank, env.world_size, "ddp") if env.world_size > 1 else None
-    wrapped = D.wrap_model(model, "ddp" if env.world_size > 1 else "none", env)
+    shards = shard_experts(model, env.rank, env.world_size, strategy) if env.world_size > 1 else None
+    wrapped = D.wrap_model(model, strategy if env.world_size > 1 else "none", env,
+                           ignored_params=shards.ignored_params if shards is not None else None)
     opt = torch.optim.AdamW(wrapped.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(1234)
     sync = (lambda skip: D.no_grad_sync(wrapped, skip)) if env.world_size > 1 else None
@@ -63,16 +65,16 @@ def run(env: D.DistEnv, out: Path, name: str) -> None:
     torch.save({**sizes, "norm": float(norm)}, out / f"{name}.rank{env.rank}.sizes.pt")
 
 
-def worker(rank: int, port: int, out: Path) -> None:
+def worker(rank: int, port: int, out: Path, strategy: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     env = D.init_distributed("cpu", timeout_s=120)
-    run(env, out, "ep2")
+    run(env, out, "ep2" if strategy == "ddp" else f"ep2_{strategy}", strategy)
     D.cleanup()
 
 
-def main(out: Path) -> None:
+def main(out: Path, strategy: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
@@ -81,8 +83,8 @@ def main(out: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(worker, args=(port, out), nprocs=2, join=True, start_method="fork")
+    mp.start_processes(worker, args=(port, out, strategy), nprocs=2, join=True, start_method="fork")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "ddp")
