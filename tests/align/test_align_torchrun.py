@@ -1,6 +1,6 @@
-"""DPO and the reward model under `torchrun --nproc_per_node=2` (Gloo on the CPU): each rank a share of the
-global batch, gradients averaged; the result equals one process with the same global batch to 1e-6,
-rank 0 alone writes OUT and its metrics, and a run stopped in one process resumes under torchrun."""
+"""DPO, the reward model and RLOO under `torchrun --nproc_per_node=2` (Gloo on the CPU): each rank a share
+of the global batch, gradients averaged; the result equals one process with the same global batch to
+1e-6, rank 0 alone writes OUT and its metrics, and a run stopped in one process resumes under torchrun."""
 
 from __future__ import annotations
 
@@ -19,7 +19,10 @@ TIMEOUT = 300
 FLAGS = ["--max-steps", "6", "--lr", "3e-4", "--warmup-steps", "2", "--batch-size", "4", "--val-fraction", "0.25",
          "--threads", "1"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "gpt2kit"]
-COMMAND = {"dpo": ["dpo", "--beta", "0.1"], "reward": ["reward", "train"]}
+COMMAND = {"dpo": ["dpo", "--beta", "0.1"], "reward": ["reward", "train"],
+           # a rule reward from tests/align (on PYTHONPATH below); 2 prompts x k 2 per rank
+           "rloo": ["rlhf", "--algo", "rloo", "--reward", "test_align_resume:says_a_lot_of_a", "--k", "2",
+                    "--max-new-tokens", "6", "--kl-coef", "0.05"]}
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +33,9 @@ def setup(tmp_path_factory):
 
 
 def _run(cmd: list[str], ok: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    here = os.path.dirname(__file__)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(x for x in (here, os.environ.get("PYTHONPATH")) if x)}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     try:
@@ -69,10 +74,12 @@ def assert_close_runs(a, b) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["dpo", "reward"])
+@pytest.mark.parametrize("kind", ["dpo", "reward", "rloo"])
 def test_two_ranks_equal_one_process_with_the_same_global_batch(setup, tmp_path, kind):
     init, pairs = setup
-    args = [*COMMAND[kind], "--init", str(init), "--data", str(pairs), *FLAGS, "--json"]
+    data = ["--prompts" if kind == "rloo" else "--data", str(pairs)]
+    flags = FLAGS[:FLAGS.index("--val-fraction")] + FLAGS[FLAGS.index("--threads"):] if kind == "rloo" else FLAGS
+    args = [*COMMAND[kind], "--init", str(init), *data, *flags, "--json"]
     _run([sys.executable, "-m", "gpt2kit", *args, "--out", str(tmp_path / "one")])
     two = _run([*TORCHRUN, *args, "--out", str(tmp_path / "two"), "--save-every", "3"])
     assert two.stdout.count('"steps": 6') == 1, two.stdout  # rank 0 alone reports
@@ -97,14 +104,14 @@ def test_a_run_stopped_in_one_process_resumes_under_torchrun(setup, tmp_path):
 
 
 @pytest.mark.slow
-def test_uneven_batch_and_rlhf_are_one_line_under_torchrun(setup, tmp_path):
+def test_uneven_batch_and_ppo_are_one_line_under_torchrun(setup, tmp_path):
     init, pairs = setup
     flags = [f if f != "4" else "3" for f in FLAGS]
     proc = _run([*TORCHRUN, *COMMAND["dpo"], "--init", str(init), "--data", str(pairs), *flags, "--out",
                  str(tmp_path / "x")], ok=False)
     assert proc.returncode != 0 and "exitcode: 2" in proc.stderr + proc.stdout
     assert "--batch-size 3 is not a multiple of the 2 processes" in proc.stderr, proc.stderr[-3000:]
-    proc = _run([*TORCHRUN, "rlhf", "--init", str(init), "--reward", "builtins:len", "--out", str(tmp_path / "r")],
-                ok=False)
-    assert "rlhf runs in one process" in proc.stderr, proc.stderr[-3000:]
+    proc = _run([*TORCHRUN, "rlhf", "--algo", "ppo", "--init", str(init), "--reward", "builtins:len", "--out",
+                 str(tmp_path / "r")], ok=False)
+    assert "rlhf --algo ppo runs in one process" in proc.stderr, proc.stderr[-3000:]
     assert not (tmp_path / "x").exists() and not (tmp_path / "r").exists()

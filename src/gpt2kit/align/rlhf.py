@@ -128,11 +128,15 @@ def _scores(reward_fn: RewardFn, prompts: list[str], texts: list[str]) -> torch.
 
 
 def rollout(model, reference, tokenizer, reward_fn: RewardFn, group: list[str], max_new_tokens: int,
-            seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+            seed: int, keep: slice | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample one completion per prompt of `group` and score it: (ids [N, T] prompt + completion, right-padded;
-    completion mask [N, T - 1] aligned with token log-probs; scores [N]; reference token log-probs [N, T - 1])."""
+    completion mask [N, T - 1] aligned with token log-probs; scores [N]; reference token log-probs [N, T - 1]).
+    keep: only these samples are scored and returned (a torchrun rank's share; all are sampled, so that
+    every sample is the one a single process draws)."""
     eos = tokenizer.eos_id
     rows, comps = sample(model, tokenizer, group, max_new_tokens, seed)
+    if keep is not None:
+        group, rows, comps = group[keep], rows[keep], comps[keep]
     texts = [tokenizer.decode([t for t in c if t != eos]) for c in comps]
     scores = _scores(reward_fn, group, texts)
     idx, mask = pad_batch([(r + c, len(r)) for r, c in zip(rows, comps)], eos)
@@ -165,12 +169,17 @@ def train_rlhf(init: str | Path, reward: str | RewardFn, out: str | Path, algo: 
     """RLOO or PPO from checkpoint `init`; OUT is the new checkpoint (+ metrics.jsonl). batch_size = prompts
     per step, k samples each. adaptive_kl None: adaptive when kl_target is given."""
     from .kl import KL_ESTIMATORS, kl_controller
-    from .parallel import join, refuse_world
+    from .parallel import check_batch, join, main_only, mean_metrics
     from .ppo import PolicyWithValue, PPOConfig, ppo_update
     from .resume import Progress, prepare_out, restore_rng, rng_state
 
-    # each rank would sample its own rollouts and whiten its own advantages: not built, so refused
-    refuse_world(join(), "rlhf")
+    env = join()  # torchrun (RLOO): each rank updates on its share of the prompts (align.parallel)
+    if not env.is_main:
+        log = lambda m: None  # noqa: E731 (rank 0 speaks for the job)
+    if algo == "ppo" and env.world_size > 1:
+        # its advantages are whitened over the whole rollout and its minibatches shuffled across it
+        raise UserError(f"rlhf --algo ppo runs in one process; under torchrun use --algo rloo or start it with "
+                        f"--nproc_per_node=1 (got WORLD_SIZE={env.world_size})")
     if algo not in ALGORITHMS:
         raise UserError(f"--algo must be one of {', '.join(ALGORITHMS)}, got {algo!r}")
     if k < (2 if algo == "rloo" else 1):
@@ -181,6 +190,9 @@ def train_rlhf(init: str | Path, reward: str | RewardFn, out: str | Path, algo: 
     ctl = kl_controller(kl_coef, kl_target, kl_horizon, kl_target is not None if adaptive_kl is None else adaptive_kl)
     cfg = ppo or PPOConfig()
     o = options(overrides, batch_size=4, lr=1e-5)
+    check_batch(int(o["batch_size"]), env)
+    share = int(o["batch_size"]) // env.world_size * k  # samples per rank: whole groups of k
+    keep = slice(env.rank * share, (env.rank + 1) * share) if env.world_size > 1 else None
     out, state, step_dir = prepare_out(out, "rlhf-" + algo, overwrite, resume)
     model, tokenizer, template = load_policy(init)
     reward_fn = load_reward(reward, tokenizer) if isinstance(reward, str) else reward
@@ -198,7 +210,7 @@ def train_rlhf(init: str | Path, reward: str | RewardFn, out: str | Path, algo: 
     torch.manual_seed(seed)
     model.eval()  # no dropout: the log-probs of a rollout and of its update are of the same network (TRL)
     trained = PolicyWithValue(model) if algo == "ppo" else model
-    opt = Optimizer(trained, o)
+    opt = Optimizer(trained, o, env)
     import random
 
     rng = random.Random(seed)
@@ -221,19 +233,21 @@ def train_rlhf(init: str | Path, reward: str | RewardFn, out: str | Path, algo: 
         return s
 
     t0 = time.perf_counter()
-    with Progress(out, "rlhf-" + algo, save_every, stop_after, log) as progress:
+    with Progress(out, "rlhf-" + algo, save_every, stop_after, log, env) as progress:
         for step in range(start, max_steps):
             picks = [rng.choice(prompts) for _ in range(int(o["batch_size"]))]
             group = [p for p in picks for _ in range(k)]  # k consecutive samples per prompt
             idx, mask, scores, ref_logps = rollout(model, reference, tokenizer, reward_fn, group, max_new_tokens,
-                                                   seed + step)
+                                                   seed + step, keep)
             coef = ctl.value
             if algo == "ppo":
                 row = ppo_update(trained, opt, step, idx, mask, scores, ref_logps, coef, cfg, seed + step, kl_estimator)
             else:
                 row = rloo_update(model, opt, step, idx, mask, scores, ref_logps, coef, k, kl_estimator)
-            row = {"step": step + 1, **row, "reward": scores.mean().item(), "kl_coef": coef,
-                   "completion_tokens": mask.float().sum(-1).mean().item()}
+            row = mean_metrics({**row, "reward": scores.mean().item(),
+                                "completion_tokens": mask.float().sum(-1).mean().item()}, env)
+            row = {"step": step + 1, **{key: v for key, v in row.items() if key != "completion_tokens"},
+                   "kl_coef": coef, "completion_tokens": row["completion_tokens"]}
             metrics.append(row)
             ctl.update(row["kl"], len(group))
             if (step + 1) % 10 == 0:
@@ -247,7 +261,9 @@ def train_rlhf(init: str | Path, reward: str | RewardFn, out: str | Path, algo: 
                       "k": k, "kl_coef_final": ctl.value, "adaptive_kl": ctl.adaptive,
                       "kl_target": getattr(ctl, "target", None), "kl_estimator": kl_estimator, "steps": max_steps,
                       "lr": o["lr"], **({"ppo": vars(cfg)} if algo == "ppo" else {})}}
-    write_result(out, init, model, metrics, extra, overwrite=out.exists(), chat_template=template)
+    extra["rlhf"]["processes"] = env.world_size
+    main_only(env, lambda: write_result(out, init, model, metrics, extra, overwrite=out.exists(),
+                                        chat_template=template))
     log(f"{algo.upper()}: {max_steps - start} steps in {wall:.1f} s; mean reward of fresh samples "
         f"{before:.3f} -> {after:.3f}")
     recent = [r for r in metrics if "kl" in r][-10:]

@@ -5,6 +5,7 @@ with a per-token KL penalty to the starting checkpoint (fixed, or adapted toward
   gpt2kit rlhf --init SFT --reward RM --out POLICY --algo ppo --kl-coef 0.2 --adaptive-kl --kl-target 6
   gpt2kit rlhf --init SFT --reward mymodule:score --out POLICY
   gpt2kit rlhf ... --resume                     # continue an interrupted run (Ctrl-C / SIGTERM save)
+  torchrun --standalone --nproc_per_node=2 -m gpt2kit rlhf ... --algo rloo   # data parallel (Gloo)
 
 --reward: a reward model directory (`gpt2kit reward train`, same tokenizer as --init) or module:function
 with (prompts: list[str], completions: list[str]) -> list[float]. --prompts: JSONL with a "prompt" field
@@ -68,14 +69,18 @@ def ppo_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..align.parallel import job
     from ..align.rlhf import train_rlhf
     from ..hub import resolve_checkpoint
     from ..post.common import print_report, train_overrides
 
-    report = train_rlhf(resolve_checkpoint(args.init, "--init"), args.reward, args.out, algo=args.algo,
-                        prompts_file=args.prompts, k=args.k, kl_coef=args.kl_coef, kl_target=args.kl_target,
-                        kl_horizon=args.kl_horizon, adaptive_kl=args.adaptive_kl, kl_estimator=args.kl_estimator,
-                        ppo=ppo_config(args), max_new_tokens=args.max_new_tokens, overrides=train_overrides(args),
-                        overwrite=args.overwrite, resume=args.resume, save_every=args.save_every)
-    print_report(report, args.json)
+    with job() as env:  # under torchrun (RLOO): data parallel, rank 0 writes and reports
+        report = train_rlhf(resolve_checkpoint(args.init, "--init"), args.reward, args.out, algo=args.algo,
+                            prompts_file=args.prompts, k=args.k, kl_coef=args.kl_coef, kl_target=args.kl_target,
+                            kl_horizon=args.kl_horizon, adaptive_kl=args.adaptive_kl,
+                            kl_estimator=args.kl_estimator, ppo=ppo_config(args), max_new_tokens=args.max_new_tokens,
+                            overrides=train_overrides(args), overwrite=args.overwrite, resume=args.resume,
+                            save_every=args.save_every)
+    if env.is_main:
+        print_report(report, args.json)
     return 0
