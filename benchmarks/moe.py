@@ -1,7 +1,8 @@
 """Mixture-of-Experts and cross-layer sharing vs dense GPT-2, fixed seeds. Prints JSON (one line per run).
 
-Character-level (bytes) tinyshakespeare (or the built-in corpus): the first 90% trains, the last 10%
-validates (every non-overlapping window of the val split). Every model sees the same batches (same seed)
+Character-level (bytes) tinyshakespeare (1.1 MB: 3000 steps of 16 x 64 see it ~3 times), or with
+`--input builtin` the main job's corpus (the standard library sources, ~10 MB: seen once, less than
+that): the first 90% trains, the last 10% validates (every non-overlapping window of the val split). Every model sees the same batches (same seed)
 for the same number of steps, so tokens seen are equal.
 
 - MoE, at equal active parameters per token: dense (one 4C MLP per token) vs E=8 top-1 (Switch: one 4C
@@ -16,10 +17,12 @@ for the same number of steps, so tokens seen are equal.
   of pairs at L).
 - Optimizer: Muon for the hidden matrices (every expert's on its own) + AdamW for embeddings, gains,
   biases and routers (train/muon.py), or AdamW alone; linear warm-up then cosine to 10%.
-- tokens/s: training steps (forward + backward + optimizer) per wall second, timed after 5 warm-up steps;
-  only meaningful under the bench lock on a quiet machine (use a short --steps for that).
+- tokens/s: training steps (forward + backward + optimizer) per wall second, timed after 5 warm-up steps.
+  The quality runs report it too, but for the speed comparison use `--speed-steps N` (under the bench
+  lock): the selected models are built together and timed step by step in turn on the same batches.
 
   python benchmarks/moe.py [--input tinyshakespeare.txt] [--steps 3000] [--runs dense,moe_e8_top1,...]
+  flock /tmp/gpt2kit-bench.lock python benchmarks/moe.py --speed-steps 60 --runs dense,moe_e8_top1,moe_e8_top2_half
 """
 
 from __future__ import annotations
@@ -48,10 +51,10 @@ DEFAULT_INPUT = Path(os.environ.get("GPT2KIT_SHARED_DATA", REPO.parent / "shared
 def load_bytes(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if path.is_file():
         data = np.frombuffer(path.read_bytes(), dtype=np.uint8)
-    else:  # the built-in corpus: this interpreter's standard library sources
-        from gpt2kit.data import default_corpus
+    else:  # `--input builtin`: the main job's corpus (this interpreter's standard library sources, ~10 MB)
+        from gpt2kit.train.main_job import corpus_files
 
-        text = "".join(d for _, d in zip(range(300), default_corpus()))
+        text = "\n\n".join(Path(f).read_text(encoding="utf-8", errors="replace") for f in corpus_files())
         data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
     cut = int(0.9 * len(data))
     return data[:cut].astype(np.int64), data[cut:].astype(np.int64)
@@ -67,12 +70,20 @@ def batches(data: np.ndarray, steps: int, batch: int, block: int, seed: int):
 
 
 @torch.no_grad()
-def val_loss(model: GPT2Network, data: np.ndarray, block: int, max_windows: int | None = None) -> float:
-    """Mean next-byte loss (nats) over non-overlapping windows of the val split (all of them by default)."""
+def val_loss(model: GPT2Network, data: np.ndarray, block: int, max_windows: int | None = None,
+             spread: int = 0) -> float:
+    """Mean next-byte loss (nats) over non-overlapping windows of the val split: the first `max_windows`
+    (all by default), or with `spread` that many spaced evenly over the whole split."""
     model.eval()
-    n = (len(data) - 1) // block if max_windows is None else min((len(data) - 1) // block, max_windows)
-    x = torch.from_numpy(data[: n * block].reshape(n, block))
-    y = torch.from_numpy(data[1 : n * block + 1].reshape(n, block))
+    total_windows = (len(data) - 1) // block
+    if spread and spread < total_windows:
+        starts = np.arange(spread) * (total_windows // spread) * block
+    else:
+        n = total_windows if max_windows is None else min(total_windows, max_windows)
+        starts = np.arange(n) * block
+    n = len(starts)
+    x = torch.from_numpy(np.stack([data[s : s + block] for s in starts]))
+    y = torch.from_numpy(np.stack([data[s + 1 : s + block + 1] for s in starts]))
     total = sum(float(model(x[i : i + 32], targets=y[i : i + 32]).loss) * len(x[i : i + 32]) for i in range(0, n, 32))
     model.train()
     return total / n
@@ -135,7 +146,7 @@ def train(name: str, cfg: GPT2Config, train_data, val_data, args) -> dict:
         "name": name,
         "params": model.num_params(),
         "active_params_per_token": active_params(model),
-        "val_loss": round(val_loss(model, val_data, args.block), 4),
+        "val_loss": round(val_loss(model, val_data, args.block, spread=args.val_windows), 4),
         "val_curve_256_windows": curve,
         "tokens_per_s": round(timed_steps * args.batch * args.block / max(t_timed, 1e-9), 1),
         "wall_s": round(time.perf_counter() - t_start, 1),
@@ -151,6 +162,34 @@ def train(name: str, cfg: GPT2Config, train_data, val_data, args) -> dict:
         with args.out.open("a") as f:
             f.write(json.dumps(row | {"args": {k: str(v) for k, v in vars(args).items()}}) + "\n")
     return row
+
+
+def speed(names: list[str], configs: dict[str, GPT2Config], train_data, args) -> list[dict]:
+    """Training-step throughput, the models interleaved step by step on the same batches (a load change on
+    a shared machine then hits every model alike); 5 untimed warm-up steps each first."""
+    models, opts, spent = {}, {}, dict.fromkeys(names, 0.0)
+    for n in names:
+        torch.manual_seed(args.seed)
+        models[n] = GPT2Network(configs[n]).train()
+        opts[n] = make_optimizer(models[n], args)
+    for step, (x, y) in enumerate(batches(train_data, 5 + args.speed_steps, args.batch, args.block, args.seed)):
+        for n in names:
+            t0 = time.perf_counter()
+            out = models[n](x, targets=y)
+            (out.loss + (out.aux_loss if out.aux_loss is not None else 0.0)).backward()
+            torch.nn.utils.clip_grad_norm_(models[n].parameters(), 1.0)
+            opts[n].step()
+            opts[n].zero_grad(set_to_none=True)
+            read_moe_metrics(models[n])
+            if step >= 5:
+                spent[n] += time.perf_counter() - t0
+    tokens = args.speed_steps * args.batch * args.block
+    rows = [{"name": n, "active_params_per_token": active_params(models[n]),
+             "tokens_per_s": round(tokens / spent[n], 1)} for n in names]
+    for r in rows:
+        r["speed_vs_first"] = round(r["tokens_per_s"] / rows[0]["tokens_per_s"], 3)
+        print(json.dumps(r), flush=True)
+    return rows
 
 
 def machine() -> dict:
@@ -178,6 +217,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)  # 2 threads on a shared 2-core box ran 10x slower
     ap.add_argument("--only", choices=["moe", "share"], default=None)
     ap.add_argument("--runs", default="", help="comma-separated run names (default: every run of the selection)")
+    ap.add_argument("--val-windows", type=int, default=0,
+                    help="final val loss over this many windows spread over the split (0: every window)")
+    ap.add_argument("--speed-steps", type=int, default=0,
+                    help="only time training steps: this many per model, the models interleaved (no quality runs)")
     ap.add_argument("--out", type=Path, default=None, help="append each run's row (JSON line) to this file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -203,7 +246,12 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown run {unknown[0]!r}; runs: {', '.join(moe_runs | share_runs)}")
     out: dict = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}}
-    rows = {n: train(n, GPT2Config(**(base | (moe_runs | share_runs)[n])), train_data, val_data, args) for n in names}
+    configs = {n: GPT2Config(**(base | kw)) for n, kw in (moe_runs | share_runs).items()}
+    if args.speed_steps:
+        out["speed"] = speed(names, configs, train_data, args)
+        print(json.dumps(out, indent=1))
+        return
+    rows = {n: train(n, configs[n], train_data, val_data, args) for n in names}
     if "dense" in rows:
         dense = rows["dense"]
         for r in rows.values():
