@@ -1,4 +1,4 @@
-"""DPO, the reward model and RLOO under `torchrun --nproc_per_node=2` (Gloo on the CPU): each rank a share
+"""Chat SFT, DPO, the reward model and RLOO under `torchrun --nproc_per_node=2` (Gloo on the CPU): each rank a share
 of the global batch, gradients averaged; the result equals one process with the same global batch to
 1e-6, rank 0 alone writes OUT and its metrics, and a run stopped in one process resumes under torchrun."""
 
@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from align_helpers import checkpoint_and_pairs
+from align_helpers import CHATS, checkpoint_and_pairs
 from safetensors.torch import load_file
 
 TIMEOUT = 300
@@ -29,6 +29,7 @@ COMMAND = {"dpo": ["dpo", "--beta", "0.1"], "reward": ["reward", "train"],
 def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("align_torchrun")
     init, pairs = checkpoint_and_pairs(d)
+    (d / "chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in CHATS * 4))
     return init, pairs
 
 
@@ -54,14 +55,14 @@ def _run(cmd: list[str], ok: bool = True) -> subprocess.CompletedProcess:
 NOISE_ONLY = {"transformer.ln_f.bias": 3e-4 * 6}
 
 
-def assert_close_runs(a, b) -> None:
+def assert_close_runs(a, b, weights: str = "model.safetensors") -> None:
     """Every logged number (loss, gradient norm, the batch metrics) of every step within 1e-6 (relative),
     the final weights within 1e-6 (but NOISE_ONLY), one metrics row per step."""
     ra = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
     rb = [json.loads(x) for x in (b / "metrics.jsonl").read_text().splitlines()]
     assert [list(r) for r in ra] == [list(r) for r in rb]  # one row per step: rank 0 alone writes
     rel = max(abs(x[k] - y[k]) / max(1.0, abs(y[k])) for x, y in zip(ra, rb) for k in x)
-    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    wa, wb = load_file(a / weights), load_file(b / weights)
     assert sorted(wa) == sorted(wb)
     diff = {k: float((wa[k] - wb[k]).abs().max()) for k in wa}
     worst = max(v for k, v in diff.items() if k not in NOISE_ONLY)
@@ -86,6 +87,18 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(setup, tmp_path,
     assert_close_runs(tmp_path / "two", tmp_path / "one")
     meta = json.loads((tmp_path / "two" / "gpt2kit.json").read_text())
     assert json.dumps(meta).count('"processes": 2') == 1
+
+
+@pytest.mark.slow
+def test_chat_sft_on_two_ranks_equals_one_process(setup, tmp_path):
+    """The loss is a mean over assistant tokens, which the two shares hold different numbers of."""
+    init, pairs = setup
+    args = ["finetune", "--init", str(init), "--jsonl", str(pairs.parent / "chats.jsonl"), "--chat", "--chat-tokens",
+            *FLAGS, "--json"]
+    _run([sys.executable, "-m", "gpt2kit", *args, "--out", str(tmp_path / "one")])
+    two = _run([*TORCHRUN, *args, "--out", str(tmp_path / "two")])
+    assert two.stdout.count('"steps": 6') == 1, two.stdout
+    assert_close_runs(tmp_path / "two", tmp_path / "one", weights="final/model.safetensors")
 
 
 @pytest.mark.slow

@@ -66,6 +66,18 @@ def average_gradients(module: torch.nn.Module, env: DistEnv) -> None:
         at += n
 
 
+def token_weighted(loss: torch.Tensor, n_tokens: torch.Tensor, env: DistEnv) -> tuple[torch.Tensor, float]:
+    """For a loss that is a mean over target tokens (shares hold different numbers of them): (the loss to
+    backward on this rank so that average_gradients gives the gradient of the mean over all the global
+    batch's tokens, that global mean's value)."""
+    if env.world_size < 2:
+        return loss, loss.item()
+    n = n_tokens.detach().double()
+    t = torch.stack([loss.detach().double() * n, n])
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    return loss * float(n * env.world_size / t[1]), float(t[0] / t[1])
+
+
 def mean_metrics(row: dict[str, float], env: DistEnv) -> dict[str, float]:
     """Batch-mean metrics of this rank's shard -> the global batch's (equal shards: the mean of the means)."""
     if env.world_size < 2 or not row:

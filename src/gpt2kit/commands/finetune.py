@@ -77,10 +77,15 @@ def run(args: argparse.Namespace) -> int:
             from ..errors import UserError
 
             raise UserError("--n-ctx (context extension) applies to --data token shards, not to --jsonl")
-        result = finetune_jsonl(args.init, args.jsonl, args.out, overrides, val_fraction=args.val_fraction,
-                                eval_text=text, overwrite=args.overwrite, chat=args.chat,
-                                chat_tokens=args.chat_tokens, lora=lora, lora_merge=args.lora_merge,
-                                resume=args.resume)
+        from ..align.parallel import job
+
+        with job() as env:  # under torchrun: data parallel, rank 0 writes and reports
+            result = finetune_jsonl(args.init, args.jsonl, args.out, overrides, val_fraction=args.val_fraction,
+                                    eval_text=text, overwrite=args.overwrite, chat=args.chat,
+                                    chat_tokens=args.chat_tokens, lora=lora, lora_merge=args.lora_merge,
+                                    resume=args.resume)
+        if not env.is_main:
+            return 0
     print_report(result.report(), args.json)
     return 0
 

@@ -261,14 +261,19 @@ def finetune_jsonl(init: str | Path, jsonl: str | Path, out: str | Path, overrid
     Ctrl-C / SIGTERM (or `save_every` steps; `stop_after` steps, for tests) saves OUT/step-XXXXXX (the
     align trainers' format, gpt2kit.align.resume); `resume` continues it exactly (the same final bytes as
     an uninterrupted run). An interrupted run returns a FinetuneResult with `stopped_by` set."""
+    from ..align.parallel import average_gradients, check_batch, join, main_only, shard, token_weighted
     from ..align.resume import Progress, prepare_out, restore_rng, rng_state
-    from ..fileio import atomic_dir, atomic_write_text
     from ..model import GPT2
     from ..train.optim import lr_at, param_groups, set_lr
     from .common import copy_model_files, perplexity
 
     o = dict(DEFAULTS, schedule="cosine", min_lr=0.0, weight_decay=0.0, grad_clip=1.0, seed=1337, threads=0)
     o.update(overrides or {})
+    # torchrun: each rank a share of every batch, gradients averaged, rank 0 writes (gpt2kit.align.parallel)
+    env = join()
+    if not env.is_main:
+        log = lambda m: None  # noqa: E731 (rank 0 speaks for the job)
+    check_batch(int(o["batch_size"]), env)
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     config, tokenizer, masks = _init_model_info(init)
@@ -348,25 +353,28 @@ def finetune_jsonl(init: str | Path, jsonl: str | Path, out: str | Path, overrid
                 "optimizer": optimizer.state_dict(), "rng": rng_state(rng), "order": list(order),
                 "metrics": metrics, "before": before}
 
-    with Progress(out, "finetune-jsonl", int(o.get("save_every") or 0), stop_after, log) as progress:
+    with Progress(out, "finetune-jsonl", int(o.get("save_every") or 0), stop_after, log, env) as progress:
         for step in range(start, max_steps):
             if len(order) < B:
                 fresh = list(range(len(train_rows)))
                 rng.shuffle(fresh)
                 order += fresh
-            batch = completion_batch([train_rows[i] for i in order[:B]], pad)
+            batch = completion_batch(shard([train_rows[i] for i in order[:B]], env), pad)
             order = order[B:]
             set_lr(optimizer, lr_at(step, o["schedule"], o["lr"], o["warmup_steps"], o["max_steps"], o["min_lr"]))
             loss = model(batch.idx, targets=batch.targets, loss_mask=batch.loss_mask).loss
+            # the loss is a mean over target tokens, and the ranks' shares hold different numbers of them
+            loss, loss_value = token_weighted(loss, batch.loss_mask.sum(), env)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            average_gradients(model, env)
             if o["grad_clip"]:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), o["grad_clip"])
             optimizer.step()
             if masks:
                 apply_masks(model, masks)
             tokens += batch.idx.numel()
-            metrics.append({"step": step + 1, "loss": loss.item()})
+            metrics.append({"step": step + 1, "loss": loss_value})
             if progress.after_step(step + 1, max_steps, save_model, trainer_state):
                 wall = time.perf_counter() - t0
                 return FinetuneResult(out, Path(progress.saved), step + 1, before, {}, tokens / max(wall, 1e-9),
@@ -377,11 +385,29 @@ def finetune_jsonl(init: str | Path, jsonl: str | Path, out: str | Path, overrid
     if eval_text is not None:
         after["ppl"] = perplexity(model, tokenizer, eval_text)["ppl"]
 
-    with atomic_dir(out, overwrite=overwrite or out.exists()) as tmp:  # replaces an interrupted run's steps
+    def write_out() -> None:
+        write_finetune_result(out, init, jsonl, o, chat, model, tokenizer, template, masks, lora, lora_merge,
+                              metrics, overwrite or out.exists(), env.world_size)
+
+    main_only(env, write_out)
+    log(f"fine-tuned {int(o['max_steps'])} steps in {wall:.1f} s"
+        + (f"; completion loss {before['val_loss']:.4f} -> {after['val_loss']:.4f}" if val_rows else ""))
+    return FinetuneResult(out, out / "final", int(o["max_steps"]), before, after, tokens / max(wall, 1e-9), wall)
+
+
+def write_finetune_result(out: Path, init, jsonl, o: dict[str, Any], chat: bool, model, tokenizer, template,
+                          masks, lora, lora_merge: bool, metrics: list[dict[str, Any]], overwrite: bool,
+                          processes: int) -> None:
+    """OUT/final (checkpoint, or adapter) + OUT/metrics.jsonl, written at once; OUT/merged for --lora-merge."""
+    from ..fileio import atomic_dir, atomic_write_text
+    from .common import copy_model_files
+
+    with atomic_dir(out, overwrite=overwrite) as tmp:  # replaces an interrupted run's steps
         final = tmp / "final"
         final.mkdir()
         extra = {"finetune": {"init": str(init), "jsonl": str(jsonl), "steps": int(o["max_steps"]),
-                              "lr": o["lr"], "loss": "assistant turns only" if chat else "completion only"}}
+                              "lr": o["lr"], "loss": "assistant turns only" if chat else "completion only",
+                              **({"processes": processes} if processes > 1 else {})}}
         if lora is not None:
             from .lora import save_adapter
 
@@ -400,6 +426,3 @@ def finetune_jsonl(init: str | Path, jsonl: str | Path, out: str | Path, overrid
         from .lora import merge_checkpoint
 
         merge_checkpoint(out / "final", out / "merged", base=init, overwrite=True)
-    log(f"fine-tuned {int(o['max_steps'])} steps in {wall:.1f} s"
-        + (f"; completion loss {before['val_loss']:.4f} -> {after['val_loss']:.4f}" if val_rows else ""))
-    return FinetuneResult(out, out / "final", int(o["max_steps"]), before, after, tokens / max(wall, 1e-9), wall)
