@@ -84,12 +84,15 @@ def test_group_size_must_divide_the_columns():
 
 @pytest.mark.parametrize(
     "bits, group, rows, kernel",
-    [(8, None, 1, "_Int8Dynamic"), (8, None, 3, "_Int8WeightOnly"), (4, 32, 1, "_Int4Packed"), (4, 32, 5, "_Int4Packed")],
+    [(8, None, 1, "_Int8Dynamic"), (8, None, 3, "_Int8WeightOnly"), (4, 32, 1, "_Int4Native"),
+     (4, 32, 5, "_Int4Packed")],
 )
 def test_small_batch_kernels_match_the_dequantized_matmul(bits, group, rows, kernel):
-    from gpt2kit.model import quantized
+    from gpt2kit.model import native, quantized
     from gpt2kit.model.quantized import _QuantStore
 
+    if kernel == "_Int4Native" and not quantized._Int4Native.available():
+        pytest.skip(f"gpt2kit's native int4 kernel is {native.status()}")
     if not getattr(quantized, kernel).available():
         pytest.skip(f"this torch build has no {kernel} kernel")
     torch.manual_seed(0)

@@ -245,6 +245,40 @@ class _Int4Packed:
         return y
 
 
+class _Int4Native:
+    """Batch 1, int4 in blocks of 32: gpt2kit's own kernel (model/native/gemv.c), compiled for this CPU.
+
+    It streams half a byte per weight plus fp16 (scale, scale * zero) per 32 weights and multiplies in
+    8 bits: the activation row is quantized per block of 32 to int8, as llama.cpp does for q4_0. Measured
+    on a 2-core Xeon (AVX-512, AVX-VNNI), one gpt2 head product: 24 GB/s, torch's int4 kernel 14-20 GB/s
+    on the block projections (docs/benchmarks.md). Used only for one row, so a row's result never depends
+    on which other rows share its batch.
+    """
+
+    @staticmethod
+    def available() -> bool:
+        from . import native
+
+        return native.library() is not None
+
+    @staticmethod
+    def fits(store: _QuantStore) -> bool:
+        from . import native
+
+        return store.cols % native.BLOCK == 0 and native.fits_int4_blocks(store.scales, store.group_size)
+
+    def __init__(self, store: _QuantStore, bias: torch.Tensor | None):
+        from . import native
+
+        self.blocks = native.pack_int4_blocks(store.qweight, store.scales, store.zeros, store.group_size)
+        self.rows, self.cols = store.rows, store.cols
+        self.bias = None if bias is None else bias.float().contiguous()
+        self._gemv = native.int4_gemv
+
+    def __call__(self, x2: torch.Tensor) -> torch.Tensor:
+        return self._gemv(self.blocks, x2, self.bias, self.rows, self.cols)
+
+
 def _small_batch_kernel_class(store: _QuantStore, rows: int):
     """The kernel class for `rows` input rows of this weight, or None (dequantize + F.linear)."""
     if rows > SMALL_BATCH_MAX_ROWS:
@@ -254,6 +288,8 @@ def _small_batch_kernel_class(store: _QuantStore, rows: int):
             return _Int8Dynamic
         if _Int8WeightOnly.available():
             return _Int8WeightOnly
+    if store.bits == 4 and rows == 1 and _Int4Native.fits(store) and _Int4Native.available():
+        return _Int4Native
     if store.bits == 4 and _Int4Packed.available() and _Int4Packed.fits(store):
         return _Int4Packed
     return None

@@ -1,0 +1,176 @@
+"""gpt2kit's own CPU kernels in C, compiled at first use for the CPU at hand and loaded with ctypes.
+
+Why C and why at first use: a batch-1 decode step streams every weight once, so its int4 matrix-vector
+products (gemv.c) must read at memory speed, which needs software prefetch and SIMD dot
+products chosen for this CPU (AVX-VNNI, AVX-512 VNNI, AVX2, or portable C);
+`-march=native` picks them. The shared library lands in a cache directory keyed by the source, the
+compiler flags and the CPU's feature flags, written atomically, so later processes load it in
+milliseconds and a different CPU gets its own build. Without a C compiler, or with GPT2KIT_NATIVE=0, it
+is simply unavailable and callers use torch's kernels instead (`status()` says why).
+
+Environment: GPT2KIT_NATIVE=0 disables it; CC names the compiler (default cc, then gcc);
+GPT2KIT_CACHE (default ~/.cache/gpt2kit) holds the builds under native/.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+_SOURCE = Path(__file__).with_name("gemv.c")
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "lib": CDLL | None, "why": str
+
+BLOCK = 32  # weights per block; a block is 20 bytes: fp16 scale, fp16 scale * zero, 16 bytes of codes
+BLOCK_BYTES = 20
+_FP16_MIN_NORMAL, _FP16_MAX = 6.11e-5, 6.0e4
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _arch_flags() -> list[str]:
+    extra = os.environ.get("GPT2KIT_NATIVE_CFLAGS", "").split()
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64", "i686"):
+        return ["-march=native", *extra]
+    if machine in ("aarch64", "arm64"):
+        return ["-mcpu=native", *extra]
+    return extra
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _build(cc: str, out: Path) -> str:
+    """Compile the kernel to `out` (atomically); '' on success, else why not."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    base = [cc, "-O3", "-std=c11", "-shared", "-fPIC", *_arch_flags(), str(_SOURCE)]
+    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        why = ""
+        for extra in (["-fopenmp"], []):  # without OpenMP the kernel runs on one thread
+            try:
+                r = subprocess.run([*base, *extra, "-o", tmp, "-lm"], capture_output=True, text=True, timeout=120)
+            except (OSError, subprocess.TimeoutExpired) as e:
+                return f"{cc} failed: {e}"
+            if r.returncode == 0:
+                os.replace(tmp, out)
+                return ""
+            why = (r.stderr.strip().splitlines() or ["no message"])[-1]
+        return f"{cc} could not compile {_SOURCE.name}: {why}"
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    if os.environ.get("GPT2KIT_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None, "disabled by GPT2KIT_NATIVE=0"
+    cc = _compiler()
+    if cc is None:
+        return None, "no C compiler (cc or gcc, or $CC) on PATH"
+    key = hashlib.sha256()
+    for part in (_SOURCE.read_bytes(), cc.encode(), " ".join(_arch_flags()).encode(), _cpu_flags().encode(),
+                 platform.machine().encode()):
+        key.update(part)
+        key.update(b"\0")
+    cache = Path(os.environ.get("GPT2KIT_CACHE") or Path.home() / ".cache" / "gpt2kit") / "native"
+    lib_path = cache / f"gemv-{key.hexdigest()[:16]}.so"
+    if not lib_path.is_file():
+        why = _build(cc, lib_path)
+        if why:
+            return None, why
+    try:
+        lib = ctypes.CDLL(str(lib_path))
+    except OSError as e:
+        return None, f"could not load {lib_path}: {e}"
+    for fn in (lib.gpt2kit_int4_gemv,):
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                       ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        fn.restype = ctypes.c_int
+    lib.gpt2kit_int4_isa.restype = ctypes.c_char_p
+    return lib, ""
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, built on first call; None where they cannot be (see status())."""
+    with _lock:
+        if "lib" not in _state:
+            _state["lib"], _state["why"] = _load()
+        return _state["lib"]  # type: ignore[return-value]
+
+
+def status() -> str:
+    """What the native kernels run with ("avx2+avx-vnni", ...), or why they are unavailable."""
+    lib = library()
+    return lib.gpt2kit_int4_isa().decode() if lib is not None else f"unavailable: {_state['why']}"
+
+
+def fits_int4_blocks(scales: torch.Tensor, group_size: int) -> bool:
+    """Whether a weight's int4 groups map onto 32-blocks with fp16 scales without losing precision."""
+    if group_size % BLOCK:
+        return False
+    a = scales.abs()
+    nonzero = a[a > 0]
+    # scale * zero (zero <= 15) is stored in fp16 too; a scale below fp16's normal range would lose bits
+    return bool((a * 16 <= _FP16_MAX).all()) and (nonzero.numel() == 0 or bool((nonzero >= _FP16_MIN_NORMAL).all()))
+
+
+def pack_int4_blocks(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """gpt2kit's int4 storage (codes two per byte, even index low; float32 scales and uint8 zeros per
+    group) -> the rows gemv.c reads, as a uint8 tensor [rows, cols / 32 * 20]: per row the blocks'
+    fp16 scales, then their fp16 scale * zero, then their codes (byte j: code j low, code j + 16 high)."""
+    rows = qweight.shape[0]
+    packed = qweight.numpy()
+    codes = np.empty((rows, packed.shape[1] * 2), np.uint8)
+    codes[:, 0::2], codes[:, 1::2] = packed & 0x0F, packed >> 4
+    codes = codes.reshape(rows, -1, BLOCK)  # [rows, blocks, 32]
+    nb = codes.shape[1]
+    per = group_size // BLOCK
+    s = np.repeat(scales.numpy().astype(np.float32), per, axis=1)  # [rows, blocks]
+    z = np.repeat(zeros.numpy().astype(np.float32), per, axis=1)
+    out = np.empty((rows, nb * BLOCK_BYTES), np.uint8)
+    out[:, : 2 * nb] = s.astype("<f2").view(np.uint8)
+    out[:, 2 * nb : 4 * nb] = (s * z).astype("<f2").view(np.uint8)
+    out[:, 4 * nb :] = (codes[..., :16] | (codes[..., 16:] << 4)).reshape(rows, nb * 16)
+    return torch.from_numpy(out)
+
+
+def int4_gemv(blocks: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, rows: int, cols: int,
+              threads: int | None = None) -> torch.Tensor:
+    """y [1, rows] = W~ x for one float32 row x [1, cols] and W~ packed by pack_int4_blocks."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"native int4 kernel {status()}")
+    x = x.reshape(cols).float().contiguous()
+    y = torch.empty(1, rows)
+    rc = lib.gpt2kit_int4_gemv(blocks.data_ptr(), x.data_ptr(), None if bias is None else bias.data_ptr(),
+                               y.data_ptr(), rows, cols, threads or torch.get_num_threads())
+    if rc:
+        raise MemoryError("native int4 kernel: out of memory for the activation row")
+    return y
+

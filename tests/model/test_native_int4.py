@@ -1,0 +1,115 @@
+"""gpt2kit's own batch-1 int4 kernel (model/native/gemv.c): the arithmetic it promises, and its fallbacks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt2kit.model import native
+from gpt2kit.model.quantized import QuantLinear, _QuantStore, pack_int4
+from gpt2kit.post.quantize import quantize_tensor
+
+needs_native = pytest.mark.skipif(native.library() is None, reason=f"native kernels {native.status()}")
+
+
+def _store(rows: int, cols: int, group: int, seed: int = 0, scale: float = 0.05) -> _QuantStore:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * scale
+    codes, scales, zeros = quantize_tensor(w, 4, group, False)
+    return _QuantStore(pack_int4(codes), scales, zeros, 4, cols)
+
+
+def _reference(store: _QuantStore, x: torch.Tensor, bias: torch.Tensor | None) -> np.ndarray:
+    """The kernel's arithmetic in float64: int8 activations per block of 32, fp16 scale and scale * zero."""
+    from gpt2kit.model.quantized import unpack_int4
+
+    rows, cols = store.rows, store.cols
+    nb = cols // 32
+    c = unpack_int4(store.qweight).numpy().astype(np.float64).reshape(rows, nb, 32)
+    per = store.group_size // 32
+    s32 = np.repeat(store.scales.numpy(), per, axis=1)
+    z = np.repeat(store.zeros.numpy().astype(np.float32), per, axis=1)
+    d = s32.astype(np.float16).astype(np.float64)
+    m = (s32 * z).astype(np.float16).astype(np.float64)
+    xv = x.reshape(nb, 32).numpy().astype(np.float32)
+    amax = np.abs(xv).max(axis=1)
+    xs = (amax / np.float32(127.0)).astype(np.float32)
+    inv = np.where(amax > 0, np.float32(127.0) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    xq = np.clip(np.rint(xv * inv[:, None]), -127, 127)
+    dots = (c * xq[None]).sum(-1)  # [rows, nb], exact integers
+    y = (d * xs[None] * dots).sum(-1) - (m * (xs * xq.sum(-1))[None]).sum(-1)
+    return y + (0 if bias is None else bias.numpy())
+
+
+@needs_native
+@pytest.mark.parametrize("rows, cols, group", [(1, 32, 32), (7, 96, 32), (100, 256, 64), (515, 768, 128)])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_int4_gemv_computes_the_documented_arithmetic(rows, cols, group, threads):
+    store = _store(rows, cols, group, seed=rows)
+    blocks = native.pack_int4_blocks(store.qweight, store.scales, store.zeros, store.group_size)
+    assert blocks.shape == (rows, cols // 32 * 20)
+    x = torch.randn(1, cols, generator=torch.Generator().manual_seed(1))
+    bias = torch.randn(rows, generator=torch.Generator().manual_seed(2))
+    for b in (None, bias):
+        y = native.int4_gemv(blocks, x, b, rows, cols, threads)
+        ref = _reference(store, x, b)
+        assert y.shape == (1, rows) and y.dtype == torch.float32
+        np.testing.assert_allclose(y[0].numpy(), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+        exact = F.linear(x, store.dequantize(), b)  # and it is the int4 product, up to 8-bit activations
+        assert (y - exact).abs().max() < 1e-2 * exact.abs().max()
+
+
+@needs_native
+def test_quant_linear_uses_it_for_one_row_only_and_falls_back_where_it_cannot():
+    from gpt2kit.model.quantized import _Int4Native, _Int4Packed
+
+    layer = QuantLinear(_store(64, 128, 32), torch.zeros(64))
+    assert type(layer.small_batch_kernel(1)) is _Int4Native
+    assert type(layer.small_batch_kernel(4)) is not _Int4Native  # a row's result never depends on its batch
+    tiny = QuantLinear(_store(64, 128, 32, scale=1e-7), None)  # scales below fp16's normal range
+    assert not native.fits_int4_blocks(tiny.store.scales, 32)
+    if _Int4Packed.available():
+        assert type(tiny.small_batch_kernel(1)) is _Int4Packed
+    x = torch.randn(1, 128)
+    assert (layer(x) - F.linear(x, layer.dequantize(), layer.bias)).abs().max() < 1e-2 * layer(x).abs().max()
+
+
+def _run(code: str, **env: str) -> str:
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, **env})
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_disabled_by_environment_says_so():
+    code = "from gpt2kit.model import native; print(native.library() is None, native.status())"
+    assert _run(code, GPT2KIT_NATIVE="0") == "True unavailable: disabled by GPT2KIT_NATIVE=0"
+
+
+def test_without_a_compiler_it_is_unavailable_and_generation_still_works(tmp_path):
+    code = ("import torch; from gpt2kit.model import native;"
+            "from gpt2kit.model.quantized import QuantLinear, _QuantStore, pack_int4;"
+            "from gpt2kit.post.quantize import quantize_tensor;"
+            "c, s, z = quantize_tensor(torch.randn(16, 64), 4, 32, False);"
+            "l = QuantLinear(_QuantStore(pack_int4(c), s, z, 4, 64), None); y = l(torch.randn(1, 64));"
+            "print(native.status(), tuple(y.shape))")
+    out = _run(code, CC="/nonexistent-cc", PATH=str(tmp_path), GPT2KIT_CACHE=str(tmp_path / "cache"))
+    assert out == "unavailable: no C compiler (cc or gcc, or $CC) on PATH (1, 16)"
+
+
+@needs_native
+def test_built_once_into_the_cache_and_reused(tmp_path):
+    code = "from gpt2kit.model import native; print(native.status())"
+    first = _run(code, GPT2KIT_CACHE=str(tmp_path))
+    built = sorted((tmp_path / "native").glob("gemv-*.so"))
+    assert len(built) == 1 and first == native.status()
+    mtime = built[0].stat().st_mtime_ns
+    assert _run(code, GPT2KIT_CACHE=str(tmp_path)) == first
+    assert built[0].stat().st_mtime_ns == mtime  # loaded, not rebuilt
+    assert not list((tmp_path / "native").glob("*.tmp"))  # written atomically, nothing left behind
