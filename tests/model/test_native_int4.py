@@ -113,3 +113,29 @@ def test_built_once_into_the_cache_and_reused(tmp_path):
     assert _run(code, GPT2KIT_CACHE=str(tmp_path)) == first
     assert built[0].stat().st_mtime_ns == mtime  # loaded, not rebuilt
     assert not list((tmp_path / "native").glob("*.tmp"))  # written atomically, nothing left behind
+
+
+@needs_native
+@pytest.mark.skipif(not native._arch_flags() or native._arch_flags()[0] != "-march=native", reason="x86-64 only")
+@pytest.mark.parametrize("flags, isa", [("-mno-avxvnni -mno-avx512vnni", "avx2"), ("-mno-avx2", "portable")])
+def test_every_isa_path_computes_the_same(tmp_path, flags, isa):
+    """The AVX2 (maddubs) and portable paths, built on this CPU with its newer instructions switched off."""
+    if "avx2" not in native._cpu_flags().split():
+        pytest.skip("this CPU has no AVX2")
+    code = ("import torch, json; from gpt2kit.model import native; from gpt2kit.model.quantized import _QuantStore;"
+            "from gpt2kit.post.quantize import quantize_tensor; from gpt2kit.model.quantized import pack_int4;"
+            "g = torch.Generator().manual_seed(3); w = torch.randn(37, 160, generator=g) * 0.05;"
+            "c, s, z = quantize_tensor(w, 4, 32, False); st = _QuantStore(pack_int4(c), s, z, 4, 160);"
+            "b = native.pack_int4_blocks(st.qweight, st.scales, st.zeros, 32);"
+            "x = torch.randn(1, 160, generator=g);"
+            "print(json.dumps([native.status(), native.int4_gemv(b, x, None, 37, 160, 2)[0].tolist()]))")
+    import json
+
+    status, y = json.loads(_run(code, GPT2KIT_CACHE=str(tmp_path), GPT2KIT_NATIVE_CFLAGS=flags))
+    assert status == isa
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(37, 160, generator=g) * 0.05
+    codes, scales, zeros = quantize_tensor(w, 4, 32, False)
+    store = _QuantStore(pack_int4(codes), scales, zeros, 4, 160)
+    ref = _reference(store, torch.randn(1, 160, generator=g), None)
+    np.testing.assert_allclose(np.array(y), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())

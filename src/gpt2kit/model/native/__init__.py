@@ -9,7 +9,9 @@ milliseconds and a different CPU gets its own build. Without a C compiler, or wi
 is simply unavailable and callers use torch's kernels instead (`status()` says why).
 
 Environment: GPT2KIT_NATIVE=0 disables it; CC names the compiler (default cc, then gcc);
-GPT2KIT_CACHE (default ~/.cache/gpt2kit) holds the builds under native/.
+GPT2KIT_CACHE (default ~/.cache/gpt2kit) holds the builds under native/; GPT2KIT_NATIVE_CFLAGS adds
+compiler flags (the tests build the AVX2 and portable paths with `-mno-avxvnni -mno-avx512vnni` and
+`-mno-avx2` on a CPU that has more).
 """
 
 from __future__ import annotations
