@@ -139,3 +139,14 @@ def test_every_isa_path_computes_the_same(tmp_path, flags, isa):
     store = _QuantStore(pack_int4(codes), scales, zeros, 4, 160)
     ref = _reference(store, torch.randn(1, 160, generator=g), None)
     np.testing.assert_allclose(np.array(y), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+@needs_native
+@pytest.mark.parametrize("rows, cols, group", [(5, 64, 32), (64, 256, 64), (33, 768, 256)])
+def test_int4_dequantize_is_bitwise_the_tensor_dequantization(rows, cols, group):
+    from gpt2kit.model.quantized import dequantize, unpack_int4
+
+    store = _store(rows, cols, group, seed=cols)
+    fast = native.int4_dequantize(store.qweight, store.scales, store.zeros, cols, threads=2)
+    assert torch.equal(fast, dequantize(unpack_int4(store.qweight), store.scales, store.zeros))
+    assert torch.equal(store.dequantize(), fast)  # the store uses it on the CPU

@@ -108,6 +108,11 @@ class _QuantStore(nn.Module):
 
     def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         if rows is None:
+            if self.bits == 4 and self.device.type == "cpu" and self.compute_dtype == torch.float32:
+                from . import native  # one pass in C, bitwise equal to the tensor ops below
+
+                if native.library() is not None:
+                    return native.int4_dequantize(self.qweight, self.scales, self.zeros, self.cols)
             q, z = self.codes()
             return dequantize(q, self.scales, z, self.compute_dtype)
         flat = rows.reshape(-1)

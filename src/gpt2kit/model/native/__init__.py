@@ -114,6 +114,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                        ctypes.c_int, ctypes.c_int, ctypes.c_int]
         fn.restype = ctypes.c_int
+    lib.gpt2kit_int4_dequantize.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4
+    lib.gpt2kit_int4_dequantize.restype = None
     lib.gpt2kit_int4_isa.restype = ctypes.c_char_p
     return lib, ""
 
@@ -176,3 +178,21 @@ def int4_gemv(blocks: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, 
         raise MemoryError("native int4 kernel: out of memory for the activation row")
     return y
 
+
+
+def int4_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, cols: int,
+                    threads: int | None = None) -> torch.Tensor:
+    """(codes - zeros) * scales [rows, cols] float32 from gpt2kit's int4 storage, in one pass (bitwise
+    equal to gpt2kit.model.quantized.dequantize)."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"native kernels {status()}")
+    rows = qweight.shape[0]
+    group = cols // scales.shape[1]
+    if group % 2 or qweight.shape[1] * 2 != cols:
+        raise ValueError(f"int4 codes [{rows}, {qweight.shape[1]}] with group {group} do not fit {cols} columns")
+    q, s, z = qweight.contiguous(), scales.float().contiguous(), zeros.contiguous()
+    out = torch.empty(rows, cols)
+    lib.gpt2kit_int4_dequantize(q.data_ptr(), s.data_ptr(), z.data_ptr(), out.data_ptr(), rows, cols, group,
+                                threads or torch.get_num_threads())
+    return out

@@ -220,6 +220,28 @@ int gpt2kit_int4_gemv(const void *blocks, const float *x, const float *bias, flo
     return failed ? -1 : 0;
 }
 
+/* W~ = (c - z) * s for a whole int4 weight in gpt2kit's storage (codes two per byte, element 2j in the low
+ * nibble; float32 scales and uint8 zeros [rows, cols / group]) into out [rows, cols], float32. The same two
+ * float32 operations as torch's dequantization, so the result is bitwise equal: a prefill that multiplies
+ * by the whole matrix needs it every forward, and one pass here replaces several tensor passes. */
+void gpt2kit_int4_dequantize(const uint8_t *codes, const float *scales, const uint8_t *zeros, float *out,
+                             int rows, int cols, int group, int threads) {
+    const int groups = cols / group;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int r = 0; r < rows; r++) {
+        const uint8_t *q = codes + (size_t)r * (cols / 2);
+        float *o = out + (size_t)r * cols;
+        for (int g = 0; g < groups; g++) {
+            const float s = scales[(size_t)r * groups + g], z = (float)zeros[(size_t)r * groups + g];
+            for (int j = g * group; j < (g + 1) * group; j += 2) {
+                const uint8_t b = q[j / 2];
+                o[j] = ((float)(b & 0x0f) - z) * s;
+                o[j + 1] = ((float)(b >> 4) - z) * s;
+            }
+        }
+    }
+}
+
 /* What this build computes with, for logs and tests. */
 const char *gpt2kit_int4_isa(void) {
 #if defined(GPT2KIT_AVX2) && defined(__AVXVNNI__)
