@@ -245,6 +245,9 @@ def main() -> None:
     ap.add_argument("--rl-batch", type=int, default=16, help="prompts per RLHF step (x --k samples each)")
     ap.add_argument("--k", type=int, default=4, help="samples per prompt")
     ap.add_argument("--rl-lr", type=float, default=2e-3)
+    ap.add_argument("--rl-warmup", type=int, default=50,
+                    help="linear warm-up steps of the RL learning rate (5: a KL spike in AdamW's first steps)")
+    ap.add_argument("--rl-seed", type=int, default=1337, help="the RL stage's seed (prompt draws, sampling)")
     ap.add_argument("--kl-coef", type=float, default=0.1, help="the KL coefficient (the adaptive controller's start)")
     ap.add_argument("--kl-target", type=float, default=6.0, help="KL per sample (nats) the run must stay under")
     ap.add_argument("--adaptive-kl", action="store_true",
@@ -310,8 +313,8 @@ def main() -> None:
         rl = train_rlhf(sft, reward, rl_dir, algo=args.algo, prompts_file=files["rl_prompts"], k=args.k,
                         kl_coef=args.kl_coef, kl_target=args.kl_target, adaptive_kl=args.adaptive_kl,
                         kl_horizon=args.kl_horizon, max_new_tokens=16, eval_samples=128, overwrite=True, log=quiet,
-                        overrides={"max_steps": args.rl_steps, "lr": args.rl_lr, "warmup_steps": 5,
-                                   "batch_size": args.rl_batch, "schedule": "constant"})
+                        overrides={"max_steps": args.rl_steps, "lr": args.rl_lr, "warmup_steps": args.rl_warmup,
+                                   "batch_size": args.rl_batch, "schedule": "constant", "seed": args.rl_seed})
         steps = [r for r in metrics(rl_dir / "metrics.jsonl") if "kl" in r]
         report["rlhf"] = {"algo": args.algo, "reward": args.rl_reward, "train_prompts": len(RL_PROMPTS),
                           "reward_before": rl["reward_before"], "reward_after": rl["reward_after"],
@@ -319,7 +322,8 @@ def main() -> None:
                           "kl_last10": rl["kl_last"], "steps_over_target": sum(r["kl"] > args.kl_target for r in steps),
                           "adaptive_kl": args.adaptive_kl, "kl_coef_start": args.kl_coef,
                           "kl_coef_final": rl["kl_coef_final"], "samples_per_step": args.rl_batch * args.k,
-                          "steps": args.rl_steps, "lr": args.rl_lr, "wall_s": time.perf_counter() - t0}
+                          "steps": args.rl_steps, "lr": args.rl_lr, "warmup": args.rl_warmup, "seed": args.rl_seed,
+                          "wall_s": time.perf_counter() - t0}
         report["rlhf"]["fresh_samples"] = fresh_samples(work, sft, rl_dir, args.algo)
     report["total_wall_s"] = time.perf_counter() - t_all
     report["total_wall_s"] = time.perf_counter() - t_all
