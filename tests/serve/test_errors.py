@@ -8,7 +8,7 @@ import os
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import N_CTX, start_server
@@ -162,6 +162,9 @@ def test_fuzz_from_the_openapi_schema_gives_no_5xx(live, schema_fields):
 
     @settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
     @given(bodies())
+    # explicit valid bodies: the generation path is always reached, whatever the random draw
+    @example(("/v1/completions", {"prompt": "the cat", "max_tokens": 4}))
+    @example(("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}))
     def check(pb):
         path, body = pb
         r = post(live, path, json.dumps(body, allow_nan=True))

@@ -4,7 +4,6 @@ prompt lengths (the batch cache shifts, compacts and grows), generate what they 
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 import torch
@@ -15,10 +14,12 @@ from gpt2kit.serve.scheduler import Delta, Finished, QueueFull, SamplingParams, 
 class Collect:
     def __init__(self):
         self.text, self.finished, self.event = "", None, threading.Event()
+        self.started = threading.Event()  # set at the first token
 
     def __call__(self, ev):
         if isinstance(ev, Delta):
             self.text += ev.text
+            self.started.set()
         elif isinstance(ev, Finished):
             self.finished = ev
             self.event.set()
@@ -140,7 +141,9 @@ def test_chunked_prefill_interleaves_with_decode_and_equals_alone(loaded, monkey
     g = torch.Generator().manual_seed(4)
     short = torch.randint(0, tok.vocab_size - 1, (4,), generator=g).tolist()
     longs = [torch.randint(0, tok.vocab_size - 1, (n,), generator=g).tolist() for n in (90, 97)]
-    params = [SamplingParams(max_tokens=40, temperature=0, ignore_eos=True),
+    # the short one decodes for long enough (124 of the 128 positions) that the long prompts'
+    # chunked prefill (7 chunks) happens while it runs, however fast the machine
+    params = [SamplingParams(max_tokens=120, temperature=0, ignore_eos=True),
               SamplingParams(max_tokens=20, temperature=0, ignore_eos=True),
               SamplingParams(max_tokens=20, temperature=0.7, seed=5, ignore_eos=True)]
     prompts = [short] + longs
@@ -153,9 +156,8 @@ def test_chunked_prefill_interleaves_with_decode_and_equals_alone(loaded, monkey
     s.submit([Sequence(short, params[0], outs[0])])
     s.start()
     try:
-        while not s._active:  # the short one is decoding before the long prompts arrive
-            assert not outs[0].event.is_set()
-            time.sleep(0.001)
+        assert outs[0].started.wait(60)  # the short one is decoding before the long prompts arrive
+        assert not outs[0].event.is_set()
         s.submit([Sequence(p, q, c) for p, q, c in zip(longs, params[1:], outs[1:])])
         for c in outs:
             assert c.event.wait(60)
