@@ -215,6 +215,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--threads", type=int, default=1)  # 2 threads on a shared 2-core box ran 10x slower
+    ap.add_argument("--moe-first-layer", type=int, default=0,
+                    help="MoE runs: blocks before this one keep a dense FFN (layer 0 is where the imbalance was)")
     ap.add_argument("--only", choices=["moe", "share"], default=None)
     ap.add_argument("--runs", default="", help="comma-separated run names (default: every run of the selection)")
     ap.add_argument("--val-windows", type=int, default=0,
@@ -246,6 +248,9 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown run {unknown[0]!r}; runs: {', '.join(moe_runs | share_runs)}")
     out: dict = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}}
+    for kw in moe_runs.values():
+        if kw.get("moe_experts"):
+            kw["moe_first_layer"] = args.moe_first_layer
     configs = {n: GPT2Config(**(base | kw)) for n, kw in (moe_runs | share_runs).items()}
     if args.speed_steps:
         out["speed"] = speed(names, configs, train_data, args)

@@ -143,9 +143,18 @@ def test_training_metrics_report_per_expert_load():
     assert read_moe_metrics(GPT2Network(cfg())) == {}
 
 
+def test_moe_first_layer_keeps_the_first_blocks_dense():
+    model = GPT2Network(cfg(moe_experts=4, n_layer=4, moe_first_layer=1))
+    assert [isinstance(b.mlp, MoEMLP) for b in model.transformer.h] == [False, True, True, True]
+    model = GPT2Network(cfg(moe_experts=4, n_layer=4, moe_first_layer=2, moe_every=2))
+    assert [isinstance(b.mlp, MoEMLP) for b in model.transformer.h] == [False, False, False, True]
+
+
 @pytest.mark.parametrize("kw", [dict(moe_experts=2, moe_top_k=3), dict(moe_experts=4, moe_capacity_factor=0),
                                 dict(moe_experts=4, moe_eval_capacity_factor=-1.0),
-                                dict(moe_experts=4, moe_expert_hidden=-8)])
+                                dict(moe_experts=4, moe_expert_hidden=-8),
+                                dict(moe_experts=4, moe_first_layer=2),  # cfg() has 2 layers
+                                dict(moe_experts=4, n_layer=4, share_layers="pairs", moe_first_layer=2)])
 def test_bad_moe_config_is_a_user_error(kw):
     with pytest.raises(ConfigError) as e:
         cfg(**kw)

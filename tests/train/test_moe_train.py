@@ -55,6 +55,15 @@ def test_expert_width_flag_reaches_the_checkpoint(shards, tmp_path):
     assert params_of(out / "step-000002")["transformer.h.0.mlp.experts.3.c_fc.weight"].shape[0] == 24
 
 
+def test_moe_first_layer_flag_reaches_the_checkpoint(shards, tmp_path):
+    out = tmp_path / "run"
+    _run(tiny_flags(shards, out, moe_experts=4, moe_first_layer=1, max_steps=2))
+    cfg = json.loads((out / "step-000002" / "config.json").read_text())
+    assert cfg["gpt2kit_variant"]["moe_first_layer"] == 1
+    names = params_of(out / "step-000002").keys()
+    assert "transformer.h.0.mlp.c_fc.weight" in names and "transformer.h.1.mlp.router.weight" in names
+
+
 @pytest.mark.parametrize("flags,needle", [(["--moe-experts", "2", "--moe-top-k", "3"], "moe_top_k"),
                                           (["--moe-experts", "4", "--moe-capacity-factor", "0"], "moe_capacity_factor"),
                                           (["--moe-experts", "4", "--moe-expert-hidden", "-1"], "moe_expert_hidden")])

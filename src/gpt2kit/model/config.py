@@ -37,6 +37,7 @@ class GPT2Config:
     moe_experts: int = 0
     moe_top_k: int = 1
     moe_every: int = 1  # every n-th block is MoE (blocks n-1, 2n-1, ...), the rest dense
+    moe_first_layer: int = 0  # blocks before it stay dense (layer 0 routes on little more than the token itself)
     moe_capacity_factor: float = 1.25  # training
     moe_eval_capacity_factor: float = 2.0
     moe_dropless: bool = False  # no capacity limit at all
@@ -275,6 +276,10 @@ def _check_variant(c: GPT2Config) -> None:
         v = getattr(c, name)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
             raise ConfigError(f"model config: {name} must be a number >= 0, got {v!r}")
+    first, blocks = c.moe_first_layer, {"none": c.n_layer, "pairs": c.n_layer // 2, "all": 1}.get(c.share_layers, 1)
+    if isinstance(first, bool) or not isinstance(first, int) or not 0 <= first < blocks:
+        raise ConfigError(f"model config: moe_first_layer must be an integer in [0, {blocks}) (the model's own "
+                          f"blocks), got {first!r}")
     h = c.moe_expert_hidden
     if isinstance(h, bool) or not isinstance(h, int) or h < 0:
         raise ConfigError(f"model config: moe_expert_hidden must be an integer >= 0 (0 = 4 * n_embd), got {h!r}")

@@ -115,7 +115,7 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        is_moe = config.moe_experts > 0 and (index + 1) % config.moe_every == 0
+        is_moe = config.moe_experts > 0 and (index + 1) % config.moe_every == 0 and index >= config.moe_first_layer
         self.mlp = MoEMLP(config, lambda: MLP(config, config.moe_expert_hidden)) if is_moe else MLP(config)
 
     def forward(self, x, attn_mask=None, is_causal=True, kv_cache=None, layer=0, last_only=False):

@@ -41,6 +41,7 @@ class ModelCfg:
     moe_experts: int = 0
     moe_top_k: int | None = None
     moe_every: int | None = None
+    moe_first_layer: int | None = None
     moe_capacity_factor: float | None = None
     moe_eval_capacity_factor: float | None = None
     moe_dropless: bool = False
@@ -156,6 +157,7 @@ HELP: dict[str, str] = {
     "block": "fixed attention: local block length (default 128)",
     "moe_experts": "Mixture-of-Experts: experts per MoE block (0: dense FFN)",
     "moe_top_k": "experts per token (1: Switch, 2: Mixtral)", "moe_every": "every n-th block is MoE",
+    "moe_first_layer": "blocks before this one keep a dense FFN (default 0)",
     "moe_capacity_factor": "expert capacity factor in training", "moe_eval_capacity_factor": "... in evaluation",
     "moe_dropless": "no expert capacity limit", "moe_aux_loss_coef": "load-balancing loss alpha (default 0.01)",
     "moe_z_loss_coef": "router z-loss coefficient (default 1e-3)",

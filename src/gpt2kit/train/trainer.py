@@ -306,7 +306,7 @@ def _variant_overrides(m) -> dict[str, Any]:
         out["attention_block"] = m.block
     if m.moe_experts:
         out["moe_experts"] = m.moe_experts
-    for k in ("moe_top_k", "moe_every", "moe_capacity_factor", "moe_eval_capacity_factor", "moe_aux_loss_coef",
+    for k in ("moe_top_k", "moe_every", "moe_first_layer", "moe_capacity_factor", "moe_eval_capacity_factor", "moe_aux_loss_coef",
               "moe_z_loss_coef", "moe_expert_hidden"):
         if getattr(m, k) is not None:
             out[k] = getattr(m, k)
