@@ -6,8 +6,9 @@
 Random `gpt2`-preset float32 weights (speed does not depend on them) are saved as a gpt2kit checkpoint with
 the GPT-2 tokenizer; llama.cpp's own `convert_hf_to_gguf.py --outtype f32` turns the same directory into a
 GGUF. Each server runs alone on loopback (`gpt2kit serve --max-batch 16`; `llama-server -np 16 -cb`, both
-with `--threads`, default 2), then C clients (threads) each send R streaming `/v1/completions` requests one after the
-other: a distinct ~24-token prompt, 64 new tokens, temperature 0. Reported per server and C: aggregate
+with `--threads`, default 2), then C clients (threads sharing one httpx connection pool, released together)
+each send R streaming `/v1/completions` requests one after the other: a distinct ~24-token prompt, 64 new
+tokens, temperature 0. Reported per server and C: aggregate
 tokens/s (all generated tokens / wall time of the round), p50/p99 time to first token (request sent ->
 first text event) and inter-token latency (between text events), failed requests. Prints one JSON object.
 """
@@ -52,7 +53,7 @@ def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
     raise RuntimeError("server did not become ready")
 
 
-def _one_request(url: str, model: str, i: int, new_tokens: int) -> dict:
+def _one_request(url: str, model: str, i: int, new_tokens: int, client=None) -> dict:
     import httpx
 
     body = {"model": model, "prompt": f"Request {i}. {PROMPT}", "max_tokens": new_tokens, "temperature": 0,
@@ -60,7 +61,8 @@ def _one_request(url: str, model: str, i: int, new_tokens: int) -> dict:
     t0 = time.perf_counter()
     times, tokens = [], 0
     try:
-        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=300) as r:
+        stream = client.stream if client is not None else httpx.stream
+        with stream("POST", url + "/v1/completions", json=body, timeout=300) as r:
             if r.status_code != 200:
                 return {"ok": False, "error": f"HTTP {r.status_code}"}
             for line in r.iter_lines():
@@ -81,22 +83,33 @@ def _one_request(url: str, model: str, i: int, new_tokens: int) -> dict:
 
 
 def _round(url: str, model: str, clients: int, per_client: int, new_tokens: int) -> dict:
+    import httpx
+
     results: list[dict] = []
     lock = threading.Lock()
+    # one httpx client for all client threads, built before the clock starts: a fresh one per request costs
+    # ~20 ms of CPU (its SSL context), which 16 threads in this process would otherwise pay on the same 2
+    # cores as the server, inside the measured time to first token. No keep-alive: each request opens its
+    # own connection, as separate clients would (and no request meets a connection the server has closed)
+    pool = httpx.Client(limits=httpx.Limits(max_connections=clients, max_keepalive_connections=0))
+    start = threading.Barrier(clients + 1)
 
     def client(c: int) -> None:
+        start.wait()
         for r in range(per_client):
-            out = _one_request(url, model, c * 1000 + r, new_tokens)
+            out = _one_request(url, model, c * 1000 + r, new_tokens, pool)
             with lock:
                 results.append(out)
 
-    t0 = time.perf_counter()
     threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
     for t in threads:
         t.start()
+    start.wait()  # every thread is up: the requests leave together
+    t0 = time.perf_counter()
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    pool.close()
     ok = [r for r in results if r["ok"]]
     ttft = sorted(r["ttft"] for r in ok)
     itl = sorted(x for r in ok for x in r["itl"])

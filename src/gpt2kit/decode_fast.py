@@ -22,8 +22,31 @@ import math
 import numpy as np
 import torch
 
-# Above this many rows a decode step is a real matrix-matrix product, which torch already does well.
+# Above this many rows a decode step is a real matrix-matrix product, which torch already does well: 8 rows
+# with BLAS's products, 32 with gpt2kit's own float32 kernel (model/native/gemm_f32.c), which reads each
+# weight row once for all rows; measured on a 2-core Xeon (AVX-512) over gpt2's 49 products: 1.7x torch at
+# 4 rows, 1.5x at 16, 1.2x at 32, 1.0x at 64 (docs/serve.md).
 MAX_BATCH = 8
+NATIVE_MAX_BATCH = 32
+
+
+def _native_f32():
+    """gpt2kit's float32 small-batch product, or None where the native kernels are unavailable."""
+    from .model import native
+
+    return native.f32_linear if native.library() is not None else None
+
+
+def _native_attention():
+    """gpt2kit's batched decode attention, or None where the native kernels are unavailable."""
+    from .model import native
+
+    return native.decode_attention if native.library() is not None else None
+
+
+def max_batch() -> int:
+    """The most rows FastDecoder runs on this machine."""
+    return NATIVE_MAX_BATCH if _native_f32() is not None else MAX_BATCH
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -35,16 +58,22 @@ def _np(t: torch.Tensor) -> np.ndarray:
 class _Linear:
     """One projection's weight [out, in] and bias, as numpy views and as the torch tensors they view."""
 
-    __slots__ = ("w", "b", "w_t", "b_t")
+    __slots__ = ("w", "b", "w_t", "b_t", "native")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         self.w_t = weight.detach()
         self.b_t = None if bias is None else bias.detach()
         self.w = _np(self.w_t)
         self.b = None if bias is None else _np(self.b_t)
+        self.native = _native_f32()
 
     def __call__(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
         """out = x @ w.T + b for x [B, in]."""
+        if self.native is not None and x.shape[0] > 1:
+            # a few rows: gpt2kit's kernel reads each weight row once for all of them (BLAS: 1.5x slower at
+            # 16 rows here). At one row numpy's BLAS gemv stays: the kernel is as fast alone but was slower
+            # on the server's scheduler thread (44 vs 37 tok/s for one client; docs/serve.md)
+            return self.native(x, self.w, self.b, out)
         if x.shape[0] == 1:
             # batch 1: a BLAS matrix-vector product, numpy's (multi-threaded, near memory bandwidth)
             np.matmul(self.w, x[0], out=out[0])
@@ -120,7 +149,7 @@ class FastDecoder:
     def supports(model, batch_size: int) -> bool:
         from .model.quantized import QuantEmbedding, QuantTiedHead
 
-        if not 1 <= batch_size <= MAX_BATCH:
+        if not 1 <= batch_size <= max_batch():
             return False
         if not getattr(getattr(model, "config", None), "is_gpt2", False):
             return False  # a variant (MoE, shared layers, attention patterns): the model's own forward
@@ -162,6 +191,7 @@ class FastDecoder:
         self._layers: dict[int, tuple[list[_Layer], object]] = {}
         self._buffers: dict[int, dict[str, np.ndarray]] = {}
         self._cache_views: tuple[int, list[np.ndarray], list[np.ndarray]] | None = None
+        self._attention = _native_attention()
 
     def _network(self, B: int) -> tuple[list[_Layer], object]:
         if B not in self._layers:
@@ -221,16 +251,11 @@ class FastDecoder:
             K, V = keys[i], values[i]  # [B, H, max_len, D] views of the cache buffers
             K[:, :, P, :] = qkv[:, C : 2 * C].reshape(B, H, D)
             V[:, :, P, :] = qkv[:, 2 * C :].reshape(B, H, D)
-            scores = np.matmul(q, K[:, :, : P + 1, :].transpose(0, 1, 3, 2))  # [B, H, 1, P + 1]
-            scores *= scale
-            if keep is not None:
-                scores[~np.broadcast_to(keep[:, None, None, :], scores.shape)] = -np.inf
-            scores -= scores.max(axis=-1, keepdims=True)
-            np.exp(scores, out=scores)
-            scores /= scores.sum(axis=-1, keepdims=True)
-            y = np.matmul(scores, V[:, :, : P + 1, :])  # [B, H, 1, D]
             att = buf["att"]
-            att[...] = y.reshape(B, H * D)
+            if self._attention is not None and B > 1:  # one C call, not one BLAS call per (row, head)
+                self._attention(qkv, K, V, P + 1, keep, float(scale), att)
+            else:
+                att[...] = _attention(q, K[:, :, : P + 1, :], V[:, :, : P + 1, :], keep, scale).reshape(B, C)
             x += L.proj(att, buf["proj"])
             h = _layer_norm(x, L.ln2_w, L.ln2_b, self.eps, buf["h"])
             f = _gelu_tanh(L.fc(h, buf["fc"]), buf["tmp"])
@@ -240,6 +265,18 @@ class FastDecoder:
         logits = head(h, buf["logits"])
         # a view of the scratch buffer: valid until the next step, which is all a sampler needs
         return torch.from_numpy(logits)
+
+
+def _attention(q: np.ndarray, K: np.ndarray, V: np.ndarray, keep: np.ndarray | None, scale) -> np.ndarray:
+    """softmax(q K^T * scale) V for q [B, H, 1, D] over K, V [B, H, T, D]; keep [B, T] False = masked."""
+    scores = np.matmul(q, K.transpose(0, 1, 3, 2))  # [B, H, 1, T]
+    scores *= scale
+    if keep is not None:
+        scores[~np.broadcast_to(keep[:, None, None, :], scores.shape)] = -np.inf
+    scores -= scores.max(axis=-1, keepdims=True)
+    np.exp(scores, out=scores)
+    scores /= scores.sum(axis=-1, keepdims=True)
+    return np.matmul(scores, V)  # [B, H, 1, D]
 
 
 def _layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float, out: np.ndarray) -> np.ndarray:

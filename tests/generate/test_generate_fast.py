@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 
-from gpt2kit.decode_fast import MAX_BATCH, FastDecoder
+from gpt2kit.decode_fast import MAX_BATCH, NATIVE_MAX_BATCH, FastDecoder, max_batch
 from gpt2kit.generate import generate, stream
-from gpt2kit.model import GPT2, GPT2Config, KVCache
+from gpt2kit.model import GPT2, GPT2Config, KVCache, native
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,9 @@ def test_generate_uses_the_fast_path_and_agrees(model):
 
 
 def test_fast_path_only_where_it_applies(model):
-    assert FastDecoder.supports(model, 1) and FastDecoder.supports(model, MAX_BATCH)
-    assert not FastDecoder.supports(model, MAX_BATCH + 1)
+    most = max_batch()  # MAX_BATCH, or NATIVE_MAX_BATCH with gpt2kit's own float32 kernel
+    assert most == (MAX_BATCH if native.library() is None else NATIVE_MAX_BATCH)
+    assert FastDecoder.supports(model, 1) and FastDecoder.supports(model, most)
+    assert not FastDecoder.supports(model, most + 1)
     assert not FastDecoder.supports(copy.deepcopy(model).to(torch.bfloat16), 1)
     assert not FastDecoder.supports(copy.deepcopy(model).train(), 1)

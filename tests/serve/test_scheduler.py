@@ -178,3 +178,7 @@ def test_plan_groups_bounds_padding():
     prompts = [[0] * n for n in (30, 2, 3, 100, 28, 1)]
     assert plan_groups(prompts) == [[5, 1, 2], [4, 0], [3]]
     assert plan_groups(prompts, batchable=False) == [[5], [1], [2], [4], [0], [3]]
+    # a burst of 16 equal prompts: groups of at most 256 padded tokens, the first ones out sooner
+    burst = plan_groups([[0] * 28] * 16, max_tokens=256)
+    assert [len(g) for g in burst] == [9, 7] and sorted(i for g in burst for i in g) == list(range(16))
+    assert plan_groups([[0] * 300, [0] * 5], max_tokens=256) == [[1], [0]]  # too long for any group: alone

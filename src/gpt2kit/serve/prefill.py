@@ -82,8 +82,10 @@ class PrefillGroup:
         return torch.cat(self.parts, 0)
 
 
-def plan_groups(prompts: list[list[int]], batchable: bool = True, max_rows: int | None = None) -> list[list[int]]:
-    """Indices of `prompts` grouped for prefill: by length, each group's padding bounded (see MAX_PADDING).
+def plan_groups(prompts: list[list[int]], batchable: bool = True, max_rows: int | None = None,
+                max_tokens: int | None = None) -> list[list[int]]:
+    """Indices of `prompts` grouped for prefill: by length, each group's padding bounded (see MAX_PADDING),
+    and its padded size (rows x longest prompt) at most `max_tokens` where given (a longer prompt alone).
 
     batchable=False gives one prompt per group (a model whose output depends on its batch)."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -95,6 +97,7 @@ def plan_groups(prompts: list[list[int]], batchable: bool = True, max_rows: int 
         n = len(prompts[i])  # the longest so far: lengths ascend
         g = groups[-1] if groups else None
         if g is not None and (max_rows is None or len(g) < max_rows) and \
+                (max_tokens is None or (len(g) + 1) * n <= max_tokens) and \
                 (len(g) + 1) * n <= MAX_PADDING * (real + n) + _PADDING_SLACK:
             g.append(i)
             real += n

@@ -32,6 +32,10 @@ from .prefill import PrefillGroup, plan_groups
 
 # padded prompt tokens prefilled between two decode steps (vLLM's max_num_batched_tokens, for a CPU)
 DEFAULT_PREFILL_TOKENS = 512
+# padded tokens in one prefill group: a burst is prefilled as several groups, one after another, and each
+# group's first tokens go out as soon as it is done, so the median request of a burst waits for about half
+# of the burst's prefill instead of all of it (the groups are still large enough for a matrix product)
+GROUP_TOKENS = 256
 # an idle scheduler waits this long for more of a burst of requests before it starts a prefill
 # (a lone request pays it once; a burst is prefilled as one batch instead of one by one)
 _COALESCE_S = 0.004
@@ -114,6 +118,7 @@ class Scheduler:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.prefill_tokens = max(1, int(prefill_tokens))
+        self.group_tokens = GROUP_TOKENS
         self.metrics = metrics or Metrics()
         self.eos_id = self.config.eos_token_id
         self._waiting: collections.deque[Sequence] = collections.deque()
@@ -233,7 +238,7 @@ class Scheduler:
                 rows.setdefault(tuple(seq.prompt_ids), []).append(seq)
         prompts = [list(k) for k in rows]
         shared = list(rows.values())
-        for group in plan_groups(prompts, self._batch_prefill):
+        for group in plan_groups(prompts, self._batch_prefill, max_tokens=self.group_tokens):
             self._prefills.append(PrefillGroup.build([shared[i] for i in group], [prompts[i] for i in group],
                                                      self.config, self.model.device, self.model.dtype))
         for seq in alone:

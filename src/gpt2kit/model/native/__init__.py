@@ -1,9 +1,11 @@
 """gpt2kit's own CPU kernels in C, compiled at first use for the CPU at hand and loaded with ctypes.
 
-Why C and why at first use: a batch-1 decode step streams every weight once, so its int4 matrix-vector
-products (gemv.c) must read at memory speed, which needs software prefetch and SIMD dot
-products chosen for this CPU (AVX-VNNI, AVX-512 VNNI, AVX2, or portable C);
-`-march=native` picks them. The shared library lands in a cache directory keyed by the source, the
+Why C and why at first use: a decode step streams every weight once, so its products must read at memory
+speed, which needs software prefetch and SIMD dot products chosen for this CPU: the batch-1 int4
+matrix-vector product (gemv.c: AVX-VNNI, AVX-512 VNNI, AVX2, or portable C) and the float32 product for a
+few rows (gemm_f32.c: AVX-512F, AVX2 + FMA, or portable C), which BLAS libraries run at a fraction of that
+speed; `-march=native` picks the paths. attention.c is a batched decode step's attention over the KV
+cache in one call, where numpy makes one BLAS call per row and head. The shared library lands in a cache directory keyed by the source, the
 compiler flags and the CPU's feature flags, written atomically, so later processes load it in
 milliseconds and a different CPU gets its own build. Without a C compiler, or with GPT2KIT_NATIVE=0, it
 is simply unavailable and callers use torch's kernels instead (`status()` says why).
@@ -29,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-_SOURCE = Path(__file__).with_name("gemv.c")
+_SOURCES = [Path(__file__).with_name(name) for name in ("gemv.c", "gemm_f32.c", "attention.c")]
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": CDLL | None, "why": str
 
@@ -69,7 +71,7 @@ def _compiler() -> str | None:
 def _build(cc: str, out: Path) -> str:
     """Compile the kernel to `out` (atomically); '' on success, else why not."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    base = [cc, "-O3", "-std=c11", "-shared", "-fPIC", *_arch_flags(), str(_SOURCE)]
+    base = [cc, "-O3", "-std=c11", "-shared", "-fPIC", *_arch_flags(), *map(str, _SOURCES)]
     fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.tmp")
     os.close(fd)
     try:
@@ -83,7 +85,7 @@ def _build(cc: str, out: Path) -> str:
                 os.replace(tmp, out)
                 return ""
             why = (r.stderr.strip().splitlines() or ["no message"])[-1]
-        return f"{cc} could not compile {_SOURCE.name}: {why}"
+        return f"{cc} could not compile {' '.join(p.name for p in _SOURCES)}: {why}"
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -96,7 +98,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     if cc is None:
         return None, "no C compiler (cc or gcc, or $CC) on PATH"
     key = hashlib.sha256()
-    for part in (_SOURCE.read_bytes(), cc.encode(), " ".join(_arch_flags()).encode(), _cpu_flags().encode(),
+    for part in (*(p.read_bytes() for p in _SOURCES), cc.encode(), " ".join(_arch_flags()).encode(), _cpu_flags().encode(),
                  platform.machine().encode()):
         key.update(part)
         key.update(b"\0")
@@ -117,6 +119,15 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.gpt2kit_int4_dequantize.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4
     lib.gpt2kit_int4_dequantize.restype = None
     lib.gpt2kit_int4_isa.restype = ctypes.c_char_p
+    lib.gpt2kit_f32_gemm.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                     ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    lib.gpt2kit_f32_gemm.restype = None
+    lib.gpt2kit_f32_isa.restype = ctypes.c_char_p
+    lib.gpt2kit_decode_attention.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_longlong,
+                                             ctypes.c_longlong, ctypes.c_int, ctypes.c_void_p, ctypes.c_float,
+                                             ctypes.c_void_p, ctypes.c_int]
+    lib.gpt2kit_decode_attention.restype = ctypes.c_int
     return lib, ""
 
 
@@ -129,9 +140,15 @@ def library() -> ctypes.CDLL | None:
 
 
 def status() -> str:
-    """What the native kernels run with ("avx2+avx-vnni", ...), or why they are unavailable."""
+    """What the native int4 kernel runs with ("avx2+avx-vnni", ...), or why the kernels are unavailable."""
     lib = library()
     return lib.gpt2kit_int4_isa().decode() if lib is not None else f"unavailable: {_state['why']}"
+
+
+def f32_status() -> str:
+    """What the native float32 product runs with ("avx512f", "avx2+fma", "portable"), or why it is unavailable."""
+    lib = library()
+    return lib.gpt2kit_f32_isa().decode() if lib is not None else f"unavailable: {_state['why']}"
 
 
 def fits_int4_blocks(scales: torch.Tensor, group_size: int) -> bool:
@@ -195,4 +212,54 @@ def int4_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
     out = torch.empty(rows, cols)
     lib.gpt2kit_int4_dequantize(q.data_ptr(), s.data_ptr(), z.data_ptr(), out.data_ptr(), rows, cols, group,
                                 threads or torch.get_num_threads())
+    return out
+
+
+def f32_linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, out: np.ndarray,
+               threads: int | None = None) -> np.ndarray:
+    """out [M, N] = x [M, K] weight.T + bias for float32 C-contiguous numpy arrays, weight [N, K] as nn.Linear
+    holds it (no copy, no packing). Meant for a few rows (decode steps of a batch): each output is summed
+    in an order that does not depend on M, so a row's result is bitwise the same alone or in a batch."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"native kernels {status()}")
+    M, K = x.shape
+    N = weight.shape[0]
+    if weight.shape != (N, K) or out.shape != (M, N) or (bias is not None and bias.shape != (N,)):
+        raise ValueError(f"f32_linear: x {x.shape}, weight {weight.shape}, out {out.shape} do not fit")
+    for a in (x, weight, out) + (() if bias is None else (bias,)):
+        if a.dtype != np.float32 or not a.flags.c_contiguous:
+            raise ValueError("f32_linear: arrays must be C-contiguous float32")
+    lib.gpt2kit_f32_gemm(x.ctypes.data, M, K, weight.ctypes.data, None if bias is None else bias.ctypes.data,
+                         out.ctypes.data, N, N, K, threads or torch.get_num_threads())
+    return out
+
+
+def decode_attention(qkv: np.ndarray, keys: np.ndarray, values: np.ndarray, length: int, keep: np.ndarray | None,
+                     scale: float, out: np.ndarray, threads: int | None = None) -> np.ndarray:
+    """One decode step's attention for B rows: qkv [B, 3C] (the queries are its first C columns), keys and
+    values [B, H, max_len, D] cache views (their first `length` positions are read), keep [B, length] bool
+    (False: a masked column) or None; writes softmax(q K^T * scale) V as out [B, C]."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"native kernels {status()}")
+    B, H, max_len, D = keys.shape
+    if (values.shape != keys.shape or values.strides != keys.strides or qkv.shape != (B, 3 * H * D)
+            or out.shape != (B, H * D) or not 1 <= length <= max_len
+            or (keep is not None and keep.shape != (B, length))):
+        raise ValueError(f"decode_attention: qkv {qkv.shape}, cache {keys.shape}, out {out.shape}, "
+                         f"length {length} do not fit")
+    for a in (qkv, keys, values, out):
+        if a.dtype != np.float32:
+            raise ValueError("decode_attention: float32 arrays only")
+    if not (qkv.flags.c_contiguous and out.flags.c_contiguous and keys.strides[3] == 4):
+        raise ValueError("decode_attention: qkv and out must be C-contiguous, the cache's last axis contiguous")
+    if keep is not None:
+        keep = np.ascontiguousarray(keep, dtype=np.bool_)
+    sb, sh, st = (s // 4 for s in keys.strides[:3])
+    rc = lib.gpt2kit_decode_attention(qkv.ctypes.data, 3 * H * D, B, H, D, keys.ctypes.data, values.ctypes.data,
+                                      sb, sh, st, length, None if keep is None else keep.ctypes.data, scale,
+                                      out.ctypes.data, threads or torch.get_num_threads())
+    if rc:
+        raise MemoryError("decode_attention: out of memory for the scores")
     return out
