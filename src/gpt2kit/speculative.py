@@ -95,6 +95,20 @@ class SpeculativeStream(TokenStream):
         self.draft_cache = KVCache.allocate(draft.config, B, cache_len, device=self.device, dtype=draft.dtype,
                                            full=True)
         self._draft_step = _pick_decoder(draft, B, fast)
+        # the check's (K + 1)-token forward through gpt2kit.verify_fast where it applies (one row, CPU
+        # float32): about one decode step's cost instead of ~2x through model.forward
+        self._verifier = self._draft_verifier = None
+        if fast and B == 1 and not self.padded:
+            from .verify_fast import FastVerifier
+
+            self._verify_rows: dict[tuple[int, int], bool] = {}
+            if FastVerifier.supports(model, 1):
+                self._verifier = FastVerifier(model)
+            if FastVerifier.supports(draft, 1):
+                # the draft's steps too: its pending columns (2 after a fully accepted round) in one call,
+                # not a forward plus a step (each with the head, most of a small draft's cost), and every
+                # product on the same thread pool as the target's check (verify_fast)
+                self._draft_verifier = FastVerifier(draft)
         self.positions = (self.out_mask.long().cumsum(-1) - 1).clamp(min=0)
         self.committed = T  # columns of self.out that are final (yielded or waiting to be)
         self.rounds = self.proposed = self.accepted = 0
@@ -137,12 +151,31 @@ class SpeculativeStream(TokenStream):
     def _draft_logits(self, col: int) -> torch.Tensor:
         """Feed the draft every column up to `col` (inclusive) it has not seen; its logits for col + 1."""
         cache = self.draft_cache
+        if self._draft_verifier is not None and self._fast_rows(self.draft, col + 1 - cache.length):
+            return self._draft_verifier(self.out[:, cache.length : col + 1], cache)[:, -1].float()
         if col - cache.length > 0:  # more than one pending column: a (prefill) forward for all but the last
             mask = self.out_mask[:, :col] if self.padded else None
             self.draft(self.out[:, cache.length : col], kv_cache=cache, attention_mask=mask, last_only=True)
         mask = self.out_mask[:, : col + 1] if self.padded else None
         pos = self.positions[:, col : col + 1] if self.padded else None
         return self._draft_step(self.out[:, col : col + 1], cache, mask, pos).float()
+
+    def _fast_rows(self, model, T: int) -> bool:
+        """Whether gpt2kit.verify_fast runs `model` (the target or the draft) on T new positions."""
+        key = (id(model), T)
+        if key not in self._verify_rows:
+            from .verify_fast import FastVerifier
+
+            self._verify_rows[key] = FastVerifier.supports(model, T)
+        return self._verify_rows[key]
+
+    def _verify(self, tokens: torch.Tensor, cache) -> torch.Tensor:
+        """The target's logits [B, T, V] for `tokens` [B, T] after the cache, written into the cache."""
+        T = tokens.shape[1]
+        if self._verifier is not None and self._fast_rows(self.model, T):
+            return self._verifier(tokens, cache)
+        mask = self.out_mask[:, : cache.length + T] if self.padded else None
+        return self.model(tokens, kv_cache=cache, attention_mask=mask).logits
 
     def _round(self) -> None:
         end = self.committed  # out[:, :end] is final; column end - 1 is the last token
@@ -169,8 +202,7 @@ class SpeculativeStream(TokenStream):
         if cache.length < end - 1:  # the prompt's prefill (all but the last token)
             mask = self.out_mask[:, : end - 1] if self.padded else None
             self.model(self.out[:, cache.length : end - 1], kv_cache=cache, attention_mask=mask, last_only=True)
-        mask = self.out_mask[:, : end + k] if self.padded else None
-        logits = self.model(self.out[:, end - 1 : end + k], kv_cache=cache, attention_mask=mask).logits
+        logits = self._verify(self.out[:, end - 1 : end + k], cache)
         drafts = self.out[:, end : end + k]
 
         # 3. accept / reject
