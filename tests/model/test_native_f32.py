@@ -5,9 +5,6 @@ use by the decode fast path; and the batched decode attention (model/native/atte
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -69,17 +66,10 @@ def test_f32_linear_refuses_what_it_cannot_read():
         native.f32_linear(np.asfortranarray(x), w, b, np.empty((2, 8), np.float32))
 
 
-def _run(code: str, **env: str) -> str:
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, **env})
-    assert out.returncode == 0, out.stderr
-    return out.stdout.strip()
-
-
 @needs_native
 @pytest.mark.skipif(not native._arch_flags() or native._arch_flags()[0] != "-march=native", reason="x86-64 only")
 @pytest.mark.parametrize("flags, isa", [("-mno-avx512f", "avx2+fma"), ("-mno-avx2", "portable")])
-def test_every_isa_path_computes_the_same(tmp_path, flags, isa):
+def test_every_isa_path_computes_the_same(tmp_path, flags, isa, run_python):
     """The AVX2 and portable paths, built on this CPU with its newer instructions switched off."""
     if "avx2" not in native._cpu_flags().split():
         pytest.skip("this CPU has no AVX2")
@@ -89,7 +79,7 @@ def test_every_isa_path_computes_the_same(tmp_path, flags, isa):
             "y = native.f32_linear(x, w, b, np.empty((6, 11), np.float32), 2);"
             "alone = [native.f32_linear(x[i:i+1].copy(), w, b, np.empty((1, 11), np.float32), 1)[0] for i in range(6)];"
             "print(json.dumps([native.f32_status(), y.tolist(), bool(np.array_equal(np.stack(alone), y))]))")
-    status, y, invariant = json.loads(_run(code, GPT2KIT_CACHE=str(tmp_path), GPT2KIT_NATIVE_CFLAGS=flags))
+    status, y, invariant = json.loads(run_python(code, GPT2KIT_CACHE=str(tmp_path), GPT2KIT_NATIVE_CFLAGS=flags))
     assert status == isa and invariant
     rng = np.random.default_rng(5)
     x = rng.standard_normal((6, 70), dtype=np.float32)

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -80,37 +76,30 @@ def test_quant_linear_uses_it_for_one_row_only_and_falls_back_where_it_cannot():
     assert (layer(x) - F.linear(x, layer.dequantize(), layer.bias)).abs().max() < 1e-2 * layer(x).abs().max()
 
 
-def _run(code: str, **env: str) -> str:
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, **env})
-    assert out.returncode == 0, out.stderr
-    return out.stdout.strip()
-
-
-def test_disabled_by_environment_says_so():
+def test_disabled_by_environment_says_so(run_python):
     code = "from gpt2kit.model import native; print(native.library() is None, native.status())"
-    assert _run(code, GPT2KIT_NATIVE="0") == "True unavailable: disabled by GPT2KIT_NATIVE=0"
+    assert run_python(code, GPT2KIT_NATIVE="0") == "True unavailable: disabled by GPT2KIT_NATIVE=0"
 
 
-def test_without_a_compiler_it_is_unavailable_and_generation_still_works(tmp_path):
+def test_without_a_compiler_it_is_unavailable_and_generation_still_works(tmp_path, run_python):
     code = ("import torch; from gpt2kit.model import native;"
             "from gpt2kit.model.quantized import QuantLinear, _QuantStore, pack_int4;"
             "from gpt2kit.post.quantize import quantize_tensor;"
             "c, s, z = quantize_tensor(torch.randn(16, 64), 4, 32, False);"
             "l = QuantLinear(_QuantStore(pack_int4(c), s, z, 4, 64), None); y = l(torch.randn(1, 64));"
             "print(native.status(), tuple(y.shape))")
-    out = _run(code, CC="/nonexistent-cc", PATH=str(tmp_path), GPT2KIT_CACHE=str(tmp_path / "cache"))
+    out = run_python(code, CC="/nonexistent-cc", PATH=str(tmp_path), GPT2KIT_CACHE=str(tmp_path / "cache"))
     assert out == "unavailable: no C compiler (cc or gcc, or $CC) on PATH (1, 16)"
 
 
 @needs_native
-def test_built_once_into_the_cache_and_reused(tmp_path):
+def test_built_once_into_the_cache_and_reused(tmp_path, run_python):
     code = "from gpt2kit.model import native; print(native.status())"
-    first = _run(code, GPT2KIT_CACHE=str(tmp_path))
+    first = run_python(code, GPT2KIT_CACHE=str(tmp_path))
     built = sorted((tmp_path / "native").glob("gemv-*.so"))
     assert len(built) == 1 and first == native.status()
     mtime = built[0].stat().st_mtime_ns
-    assert _run(code, GPT2KIT_CACHE=str(tmp_path)) == first
+    assert run_python(code, GPT2KIT_CACHE=str(tmp_path)) == first
     assert built[0].stat().st_mtime_ns == mtime  # loaded, not rebuilt
     assert not list((tmp_path / "native").glob("*.tmp"))  # written atomically, nothing left behind
 
@@ -118,7 +107,7 @@ def test_built_once_into_the_cache_and_reused(tmp_path):
 @needs_native
 @pytest.mark.skipif(not native._arch_flags() or native._arch_flags()[0] != "-march=native", reason="x86-64 only")
 @pytest.mark.parametrize("flags, isa", [("-mno-avxvnni -mno-avx512vnni", "avx2"), ("-mno-avx2", "portable")])
-def test_every_isa_path_computes_the_same(tmp_path, flags, isa):
+def test_every_isa_path_computes_the_same(tmp_path, flags, isa, run_python):
     """The AVX2 (maddubs) and portable paths, built on this CPU with its newer instructions switched off."""
     if "avx2" not in native._cpu_flags().split():
         pytest.skip("this CPU has no AVX2")
@@ -131,7 +120,7 @@ def test_every_isa_path_computes_the_same(tmp_path, flags, isa):
             "print(json.dumps([native.status(), native.int4_gemv(b, x, None, 37, 160, 2)[0].tolist()]))")
     import json
 
-    status, y = json.loads(_run(code, GPT2KIT_CACHE=str(tmp_path), GPT2KIT_NATIVE_CFLAGS=flags))
+    status, y = json.loads(run_python(code, GPT2KIT_CACHE=str(tmp_path), GPT2KIT_NATIVE_CFLAGS=flags))
     assert status == isa
     g = torch.Generator().manual_seed(3)
     w = torch.randn(37, 160, generator=g) * 0.05
