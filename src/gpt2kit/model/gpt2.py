@@ -267,7 +267,7 @@ class GPT2Network(nn.Module):
                 targets = targets[:, -1:]
                 loss_mask = loss_mask[:, -1:] if loss_mask is not None else None
         if targets is None:
-            return GPT2Output(self.lm_head(x), None, kv_cache, aux_loss)
+            return GPT2Output(linear(x, self.lm_head), None, kv_cache, aux_loss)
 
         if targets.shape != x.shape[:2]:
             raise UserError(f"targets must have shape {list(x.shape[:2])}, got {list(targets.shape)}")
@@ -277,7 +277,7 @@ class GPT2Network(nn.Module):
                 raise UserError(f"loss_mask must have shape {list(targets.shape)}, got {list(loss_mask.shape)}")
             targets = targets.masked_fill(~loss_mask.to(device=x.device, dtype=torch.bool), -100)
         if return_logits:
-            logits = self.lm_head(x)
+            logits = linear(x, self.lm_head)
             nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
                                   reduction="sum")
             loss = nll / (targets != -100).sum().clamp(min=1)

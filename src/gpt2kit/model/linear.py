@@ -13,19 +13,80 @@ used: Inductor's partitioner makes the same recompute decision itself.
 History (docs/benchmarks.md): two sessions ran float32 CPU Linears through oneDNN with the bias and
 GELU fused into the GEMM's epilogue. It measured faster for inference in one machine state and slower
 in the next (prefill 1024 tokens, same-process alternation, 6-8 rounds: 1.72-1.75 s with it vs
-1.52-1.64 s with F.linear; training steps 2-4% slower), so the standard path is the one kept.
+1.52-1.64 s with F.linear; training steps 2-4% slower), so the standard path is the one kept there.
+
+On other vendors' CPUs MKL takes its generic code path: on an AMD EPYC (Zen 5, AVX-512) its float32
+GEMM ran at 180-200 GFLOP/s where oneDNN's ran at 420 (prefill shapes, 2 threads), and 2.2-2.5x faster
+at 4-128 rows too. So float32 products without autograd (inference: prefill, eval, batched decode
+through `model.forward`) go through oneDNN there (`inference_gemm()`); training keeps F.linear
+everywhere. GPT2KIT_CPU_GEMM=mkl|onednn|auto overrides the choice.
 """
 
 from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import UserError
+
+GEMM_ENV = "GPT2KIT_CPU_GEMM"
+GEMM_CHOICES = ("auto", "mkl", "onednn")
+
+
+def _cpu_vendor() -> str:
+    """/proc/cpuinfo's vendor_id ("GenuineIntel", "AuthenticAMD", ...), "" where there is none."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _onednn_linear_op():
+    try:
+        return torch.ops.mkldnn._linear_pointwise if torch.backends.mkldnn.is_available() else None
+    except (AttributeError, RuntimeError):  # a build without oneDNN, or without this op
+        return None
+
+
+@functools.cache
+def inference_gemm() -> str:
+    """The backend of CPU float32 products without autograd: "onednn" on non-Intel x86 CPUs where this
+    torch has oneDNN (MKL runs its generic path there), "mkl" (F.linear) otherwise or when asked."""
+    choice = os.environ.get(GEMM_ENV, "auto").strip().lower() or "auto"
+    if choice not in GEMM_CHOICES:
+        raise UserError(f"{GEMM_ENV}={choice!r} is not one of {', '.join(GEMM_CHOICES)}")
+    if choice == "mkl" or _onednn_linear_op() is None:
+        return "mkl"
+    if choice == "onednn":
+        return "onednn"
+    return "onednn" if _cpu_vendor() not in ("GenuineIntel", "") else "mkl"
+
+
+def float_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias), through oneDNN for CPU float32 inference where `inference_gemm()` says so."""
+    if (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and not torch.compiler.is_compiling()
+        and inference_gemm() == "onednn"
+    ):
+        return _onednn_linear_op()(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
 
 def linear(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-    """layer(x); a float nn.Linear straight through F.linear."""
-    return F.linear(x, layer.weight, layer.bias) if type(layer) is nn.Linear else layer(x)
+    """layer(x); a float nn.Linear straight through F.linear (oneDNN for inference where it is faster)."""
+    return float_linear(x, layer.weight, layer.bias) if type(layer) is nn.Linear else layer(x)
 
 
 def gelu_linear(u: torch.Tensor, layer: nn.Module) -> torch.Tensor:

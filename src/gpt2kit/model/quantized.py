@@ -28,9 +28,9 @@ import re
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..errors import UserError
+from .linear import float_linear
 
 # ----- packing and dequantization (shared with gpt2kit.post.quantize) ----------------------------------
 
@@ -336,7 +336,7 @@ class QuantLinear(nn.Module):
         kernel = None if x.requires_grad or x.device.type != "cpu" else self.small_batch_kernel(rows)
         if kernel is not None:
             return kernel(x.reshape(rows, x.shape[-1])).to(x.dtype).view(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.store.dequantize().to(x.dtype), self.bias)
+        return float_linear(x, self.store.dequantize().to(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
