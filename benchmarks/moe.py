@@ -1,6 +1,7 @@
 """Mixture-of-Experts and cross-layer sharing vs dense GPT-2, fixed seeds. Prints JSON (one line per run).
 
-Character-level (bytes) tinyshakespeare (1.1 MB: 3000 steps of 16 x 64 see it ~3 times), or with
+Character-level (bytes; or `--bpe-vocab N`: a byte-level BPE learned on the train split) tinyshakespeare
+(1.1 MB: 3000 steps of 16 x 64 bytes see it ~3 times), or with
 `--input builtin` the main job's corpus (the standard library sources, ~10 MB: seen once, less than
 that): the first 90% trains, the last 10% validates (every non-overlapping window of the val split). Every model sees the same batches (same seed)
 for the same number of steps, so tokens seen are equal.
@@ -60,6 +61,22 @@ def load_bytes(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data[:cut].astype(np.int64), data[cut:].astype(np.int64)
 
 
+def bpe_tokens(train_bytes: np.ndarray, val_bytes: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Re-express both splits in a byte-level BPE of `vocab_size` ids learned on the train split only
+    (gpt2kit's own learner, deterministic); also returns the val split's bytes per token, which turns a
+    per-token loss into nats per byte."""
+    from gpt2kit.tokenizer import Tokenizer
+
+    def text(b: np.ndarray) -> str:
+        return b.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+    train_text, val_text = text(train_bytes), text(val_bytes)
+    tok = Tokenizer.train([train_text], vocab_size, special_tokens=(), progress=False)
+    train_ids = np.asarray(tok.encode_ordinary(train_text), dtype=np.int64)
+    val_ids = np.asarray(tok.encode_ordinary(val_text), dtype=np.int64)
+    return train_ids, val_ids, len(val_text.encode("utf-8")) / len(val_ids)
+
+
 def batches(data: np.ndarray, steps: int, batch: int, block: int, seed: int):
     rng = np.random.default_rng(seed)
     for _ in range(steps):
@@ -72,7 +89,7 @@ def batches(data: np.ndarray, steps: int, batch: int, block: int, seed: int):
 @torch.no_grad()
 def val_loss(model: GPT2Network, data: np.ndarray, block: int, max_windows: int | None = None,
              spread: int = 0) -> float:
-    """Mean next-byte loss (nats) over non-overlapping windows of the val split: the first `max_windows`
+    """Mean next-token loss (nats) over non-overlapping windows of the val split: the first `max_windows`
     (all by default), or with `spread` that many spaced evenly over the whole split."""
     model.eval()
     total_windows = (len(data) - 1) // block
@@ -217,6 +234,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)  # 2 threads on a shared 2-core box ran 10x slower
     ap.add_argument("--moe-first-layer", type=int, default=0,
                     help="MoE runs: blocks before this one keep a dense FFN (layer 0 is where the imbalance was)")
+    ap.add_argument("--bpe-vocab", type=int, default=0,
+                    help="tokens of a byte-level BPE of this many ids learned on the train split (0: bytes)")
     ap.add_argument("--only", choices=["moe", "share"], default=None)
     ap.add_argument("--runs", default="", help="comma-separated run names (default: every run of the selection)")
     ap.add_argument("--val-windows", type=int, default=0,
@@ -227,8 +246,12 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     train_data, val_data = load_bytes(args.input)
+    vocab, bytes_per_token = 256, 1.0
+    if args.bpe_vocab:
+        train_data, val_data, bytes_per_token = bpe_tokens(train_data, val_data, args.bpe_vocab)
+        vocab = args.bpe_vocab
     C, L = args.embd, args.layers
-    base = dict(vocab_size=256, n_ctx=args.block, n_layer=L, n_head=4, n_embd=C, dropout=0.0,
+    base = dict(vocab_size=vocab, n_ctx=args.block, n_layer=L, n_head=4, n_embd=C, dropout=0.0,
                 attn_dropout=0.0, eos_token_id=0)
     moe_runs = {
         "dense": {},
@@ -247,7 +270,10 @@ def main() -> None:
     unknown = [n for n in names if n not in moe_runs | share_runs]
     if unknown:
         raise SystemExit(f"unknown run {unknown[0]!r}; runs: {', '.join(moe_runs | share_runs)}")
-    out: dict = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}}
+    out: dict = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()},
+                 "train_tokens": len(train_data), "val_tokens": len(val_data),
+                 "val_bytes_per_token": round(bytes_per_token, 4)}
+    print(json.dumps({k: out[k] for k in ("train_tokens", "val_tokens", "val_bytes_per_token")}), flush=True)
     for kw in moe_runs.values():
         if kw.get("moe_experts"):
             kw["moe_first_layer"] = args.moe_first_layer
@@ -257,10 +283,13 @@ def main() -> None:
         print(json.dumps(out, indent=1))
         return
     rows = {n: train(n, configs[n], train_data, val_data, args) for n in names}
+    for r in rows.values():  # the same loss per byte of val text (equal to val_loss at byte level)
+        r["val_nats_per_byte"] = round(r["val_loss"] / bytes_per_token, 4)
     if "dense" in rows:
         dense = rows["dense"]
         for r in rows.values():
             r["val_loss_minus_dense"] = round(r["val_loss"] - dense["val_loss"], 4)
+            r["val_nats_per_byte_minus_dense"] = round(r["val_nats_per_byte"] - dense["val_nats_per_byte"], 4)
             r["speed_vs_dense"] = round(r["tokens_per_s"] / dense["tokens_per_s"], 3)
     out["runs"] = list(rows.values())
     print(json.dumps(out, indent=1))
