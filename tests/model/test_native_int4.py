@@ -44,7 +44,8 @@ def _reference(store: _QuantStore, x: torch.Tensor, bias: torch.Tensor | None) -
 
 
 @needs_native
-@pytest.mark.parametrize("rows, cols, group", [(1, 32, 32), (7, 96, 32), (100, 256, 64), (515, 768, 128)])
+# nb = 1, 3, 6, 7, 8, 24 blocks: every mix of the 512-bit (4 blocks), 256-bit (2) and odd-block loops
+@pytest.mark.parametrize("rows, cols, group", [(1, 32, 32), (7, 96, 32), (9, 192, 64), (13, 224, 32), (100, 256, 64), (515, 768, 128)])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_int4_gemv_computes_the_documented_arithmetic(rows, cols, group, threads):
     store = _store(rows, cols, group, seed=rows)

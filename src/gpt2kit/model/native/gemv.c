@@ -11,10 +11,12 @@
  *   qs[nb][16]  byte j of a block holds code c[j] in its low nibble and c[j + 16] in its high nibble
  * The activation row is quantized per block of 32 to int8 (xs = max|x| / 127, xq = round(x / xs)), so
  *   sum_j W~[j] x[j] ~= s * xs * sum_j c[j] xq[j]  -  m * (xs * sum_j xq[j]).
- * The integer dot is exact; floats accumulate in 8 lanes per row, summed at the end of the row.
+ * The integer dot is exact; floats accumulate in 8 lanes per row (16 in the 512-bit loop), summed at the
+ * end of the row.
  *
- * Compiled at first use for the CPU at hand (-march=native): AVX-VNNI or AVX-512 VNNI dot products where
- * the CPU has them, AVX2 (maddubs + madd) otherwise, and portable C elsewhere. Rows are split over
+ * Compiled at first use for the CPU at hand (-march=native): with AVX-512 BW + VNNI, four blocks per step in
+ * zmm registers (on a Zen 5 EPYC: 31.5 -> 65.5 GB/s on a 48 MB weight, 2 threads); otherwise AVX-VNNI or
+ * AVX-512 VNNI dot products on 256-bit registers, AVX2 (maddubs + madd) without VNNI, portable C elsewhere. Rows are split over
  * `threads` OpenMP threads.
  */
 #include <math.h>
@@ -28,6 +30,9 @@
 #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
 #include <immintrin.h>
 #define GPT2KIT_AVX2 1
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define GPT2KIT_AVX512_VNNI 1
+#endif
 #endif
 
 /* Prefetch this many bytes ahead of the row being read, into L2 (locality 1), and read each thread's rows
@@ -71,7 +76,7 @@ static float fp16_to_float(uint16_t h) {
 /* The activation row per block of 32: int8 codes, their scale, and scale * sum of codes. With AVX2, also
  * the codes of each pair of blocks (b, b + 1) reordered as [b 0-15 | b+1 0-15 | b 16-31 | b+1 16-31], the
  * order in which the low and high nibbles of the two blocks' 32 code bytes meet them. */
-static void quantize_row(const float *x, int cols, int8_t *xq, int8_t *xp, float *xs, float *xsum) {
+static void quantize_row(const float *x, int cols, int8_t *xq, int8_t *xp, int8_t *x4, float *xs, float *xsum) {
     const int nb = cols / 32;
     for (int b = 0; b < nb; b++) {
         const float *v = x + 32 * b;
@@ -94,6 +99,14 @@ static void quantize_row(const float *x, int cols, int8_t *xq, int8_t *xp, float
         memcpy(o + 16, xq + 32 * (b + 1), 16);
         memcpy(o + 32, xq + 32 * b + 16, 16);
         memcpy(o + 48, xq + 32 * (b + 1) + 16, 16);
+    }
+    /* and of each group of four blocks as [b..b+3 codes 0-15 | b..b+3 codes 16-31], for the 512-bit loop */
+    for (int b = 0; b + 3 < nb; b += 4) {
+        int8_t *o = x4 + 32 * b;
+        for (int k = 0; k < 4; k++) {
+            memcpy(o + 16 * k, xq + 32 * (b + k), 16);
+            memcpy(o + 64 + 16 * k, xq + 32 * (b + k) + 16, 16);
+        }
     }
 }
 
@@ -119,8 +132,8 @@ static inline float hsum8(__m256 v) {
 #endif
 
 /* One output: row = d[nb] m[nb] qs[nb][16]; sc is scratch for nb floats. */
-static float row_dot(const uint8_t *row, int nb, const int8_t *xq, const int8_t *xp, const float *xs,
-                     const float *xsum, float *sc) {
+static float row_dot(const uint8_t *row, int nb, const int8_t *xq, const int8_t *xp, const int8_t *x4,
+                     const float *xs, const float *xsum, float *sc) {
     const uint16_t *d = (const uint16_t *)row, *m = d + nb;
     const uint8_t *qs = (const uint8_t *)(m + nb);
     float zterm = 0.0f, total = 0.0f;
@@ -139,9 +152,30 @@ static float row_dot(const uint8_t *row, int nb, const int8_t *xq, const int8_t 
         sc[b] = fp16_to_float(d[b]) * xs[b];
         zterm += fp16_to_float(m[b]) * xsum[b];
     }
+    b = 0;
+#if defined(GPT2KIT_AVX512_VNNI)
+    /* four blocks per step in 512-bit registers: lanes 4k..4k+3 hold block b + k */
+    {
+        const __m512i low4x = _mm512_set1_epi8(0x0f);
+        const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+        __m512 acc4 = _mm512_setzero_ps();
+        for (; b + 4 <= nb; b += 4) {
+            __m512i q = _mm512_loadu_si512((const void *)(qs + 16 * b));
+            __m512i lo = _mm512_and_si512(q, low4x);
+            __m512i hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), low4x);
+            __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512((const void *)(x4 + 32 * b)));
+            dot = _mm512_dpbusd_epi32(dot, hi, _mm512_loadu_si512((const void *)(x4 + 32 * b + 64)));
+            __m512 scale = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_loadu_ps(sc + b)));
+            acc4 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc4);
+        }
+        total = _mm512_reduce_add_ps(acc4);
+    }
+#else
+    (void)x4;
+#endif
     const __m256i low4 = _mm256_set1_epi8(0x0f);
     __m256 acc = _mm256_setzero_ps();
-    for (b = 0; b + 1 < nb; b += 2) { /* two blocks per step: lanes 0-3 block b, lanes 4-7 block b + 1 */
+    for (; b + 1 < nb; b += 2) { /* two blocks per step: lanes 0-3 block b, lanes 4-7 block b + 1 */
         __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 16 * b));
         __m256i lo = _mm256_and_si256(q, low4);
         __m256i hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), low4);
@@ -151,7 +185,7 @@ static float row_dot(const uint8_t *row, int nb, const int8_t *xq, const int8_t 
         __m256 scale = _mm256_set_m128(_mm_broadcast_ss(sc + b + 1), _mm_broadcast_ss(sc + b));
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc);
     }
-    total = hsum8(acc);
+    total += hsum8(acc);
     if (b < nb) { /* the odd block */
         const uint8_t *qb = qs + 16 * b;
         const int8_t *x0 = xq + 32 * b;
@@ -161,6 +195,7 @@ static float row_dot(const uint8_t *row, int nb, const int8_t *xq, const int8_t 
     }
 #else
     (void)xp;
+    (void)x4;
     (void)sc;
     for (; b < nb; b++) {
         const uint8_t *qb = qs + 16 * b;
@@ -179,11 +214,11 @@ int gpt2kit_int4_gemv(const void *blocks, const float *x, const float *bias, flo
     const int nb = cols / 32;
     const size_t row_bytes = (size_t)nb * 20;
     /* xq, xp: cols bytes each; xs, xsum: nb floats each (cols is a multiple of 32: floats stay aligned) */
-    int8_t *xq = (int8_t *)malloc(2 * (size_t)cols + 2 * sizeof(float) * (size_t)nb);
+    int8_t *xq = (int8_t *)malloc(3 * (size_t)cols + 2 * sizeof(float) * (size_t)nb);
     if (!xq) return -1;
-    int8_t *xp = xq + cols;
-    float *xs = (float *)(xp + cols), *xsum = xs + nb;
-    quantize_row(x, cols, xq, xp, xs, xsum);
+    int8_t *xp = xq + cols, *x4 = xp + cols;
+    float *xs = (float *)(x4 + cols), *xsum = xs + nb;
+    quantize_row(x, cols, xq, xp, x4, xs, xsum);
     const uint8_t *w = (const uint8_t *)blocks;
     int failed = 0;
 #pragma omp parallel num_threads(threads)
@@ -210,7 +245,7 @@ int gpt2kit_int4_gemv(const void *blocks, const float *x, const float *bias, flo
                 const char *ahead = (const char *)(w + (size_t)r * row_bytes) + GPT2KIT_PREFETCH;
                 for (size_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(ahead + off, 0, GPT2KIT_PREFETCH_LOCALITY);
 #endif
-                float v = row_dot(w + (size_t)r * row_bytes, nb, xq, xp, xs, xsum, sc);
+                float v = row_dot(w + (size_t)r * row_bytes, nb, xq, xp, x4, xs, xsum, sc);
                 y[r] = bias ? v + bias[r] : v;
             }
         }
@@ -244,7 +279,9 @@ void gpt2kit_int4_dequantize(const uint8_t *codes, const float *scales, const ui
 
 /* What this build computes with, for logs and tests. */
 const char *gpt2kit_int4_isa(void) {
-#if defined(GPT2KIT_AVX2) && defined(__AVXVNNI__)
+#if defined(GPT2KIT_AVX512_VNNI)
+    return "avx512-vnni";
+#elif defined(GPT2KIT_AVX2) && defined(__AVXVNNI__)
     return "avx2+avx-vnni";
 #elif defined(GPT2KIT_AVX2) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
     return "avx2+avx512-vnni";
