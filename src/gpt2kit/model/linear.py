@@ -49,6 +49,7 @@ def _cpu_vendor() -> str:
     return ""
 
 
+@functools.cache
 def _onednn_linear_op():
     try:
         return torch.ops.mkldnn._linear_pointwise if torch.backends.mkldnn.is_available() else None
@@ -72,13 +73,14 @@ def inference_gemm() -> str:
 
 def float_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias), through oneDNN for CPU float32 inference where `inference_gemm()` says so."""
+    # cheapest test first: on Intel and in compiled graphs this is F.linear after one cached call
     if (
-        x.device.type == "cpu"
+        not torch.compiler.is_compiling()
+        and inference_gemm() == "onednn"
+        and x.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        and not torch.compiler.is_compiling()
-        and inference_gemm() == "onednn"
     ):
         return _onednn_linear_op()(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
