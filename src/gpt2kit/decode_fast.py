@@ -192,6 +192,7 @@ class FastDecoder:
         self._buffers: dict[int, dict[str, np.ndarray]] = {}
         self._cache_views: tuple[int, list[np.ndarray], list[np.ndarray]] | None = None
         self._attention = _native_attention()
+        self._native_step: object | None | bool = False  # built at the first batch-1 step; None: not here
 
     def _network(self, B: int) -> tuple[list[_Layer], object]:
         if B not in self._layers:
@@ -224,6 +225,13 @@ class FastDecoder:
             self._cache_views = (key, ks, vs)
         return self._cache_views[1], self._cache_views[2]
 
+    def _batch1_step(self):
+        if self._native_step is False:
+            from .decode_native import NativeStep
+
+            self._native_step = NativeStep.build(self.model)
+        return self._native_step
+
     # ----- the step -----------------------------------------------------------------------------------
 
     def __call__(self, tok: torch.Tensor, cache, mask: torch.Tensor | None, pos: torch.Tensor | None):
@@ -237,9 +245,14 @@ class FastDecoder:
         keys, values = self._cache(cache)
         ids = tok.reshape(B).numpy()
         positions = np.full(B, P) if pos is None else pos.reshape(B).numpy()
-        layers, head = self._network(B)
-        x = self.wte(ids) + self.wpe(positions)  # [B, C], a fresh array: the residual stream
         keep = None if mask is None else mask.numpy()  # [B, P + 1], True = real token
+        if B == 1 and cache.keys[0].shape[0] == 1:
+            step = self._batch1_step()
+            if step is not None:  # the whole step in one C call (gpt2kit.decode_native)
+                step(int(ids[0]), int(positions[0]), cache, keep, buf["logits"][0])
+                return torch.from_numpy(buf["logits"])
+        x = self.wte(ids) + self.wpe(positions)  # [B, C], a fresh array: the residual stream
+        layers, head = self._network(B)
 
         H, D = self.n_head, self.head_dim
         C = H * D

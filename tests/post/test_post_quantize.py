@@ -84,14 +84,14 @@ def test_group_size_must_divide_the_columns():
 
 @pytest.mark.parametrize(
     "bits, group, rows, kernel",
-    [(8, None, 1, "_Int8Dynamic"), (8, None, 3, "_Int8WeightOnly"), (4, 32, 1, "_Int4Native"),
+    [(8, None, 1, "_Int8Native"), (8, None, 3, "_Int8WeightOnly"), (4, 32, 1, "_Int4Native"),
      (4, 32, 5, "_Int4Packed")],
 )
 def test_small_batch_kernels_match_the_dequantized_matmul(bits, group, rows, kernel):
     from gpt2kit.model import native, quantized
     from gpt2kit.model.quantized import _QuantStore
 
-    if kernel == "_Int4Native" and not quantized._Int4Native.available():
+    if kernel in ("_Int4Native", "_Int8Native") and not getattr(quantized, kernel).available():
         pytest.skip(f"gpt2kit's native int4 kernel is {native.status()}")
     if not getattr(quantized, kernel).available():
         pytest.skip(f"this torch build has no {kernel} kernel")
@@ -116,18 +116,37 @@ def test_small_batch_kernels_match_the_dequantized_matmul(bits, group, rows, ker
         assert torch.equal(layer(big), F.linear(big, layer.dequantize(), b))  # many rows: the exact path
 
 
-def test_batch_one_int8_kernel_does_not_saturate():
+@pytest.mark.parametrize("kernel", ["_Int8Native", "_Int8Dynamic"])
+def test_batch_one_int8_kernels_do_not_saturate(kernel):
     """u8 x s8 products of extreme codes overflow int16 pairs unless the kernel accumulates in int32
-    (VNNI) or activations use 7 bits: the 8-bit choice must follow the CPU."""
+    (VNNI), splits the codes (gemv_int8.c without VNNI) or uses 7-bit activations (fbgemm without VNNI)."""
+    from gpt2kit.model import quantized
+    from gpt2kit.model.quantized import _QuantStore
+
+    cls = getattr(quantized, kernel)
+    if not cls.available():
+        pytest.skip(f"{kernel} is not available here")
+    for code, zero in ((255, 0), (0, 255)):  # the largest positive and negative weights
+        codes = torch.full((16, 256), code, dtype=torch.uint8)
+        store = _QuantStore(codes, torch.full((16, 1), 0.01), torch.full((16, 1), zero, dtype=torch.uint8), 8, 256)
+        x = torch.full((1, 256), 3.0)
+        exact = F.linear(x, store.dequantize())
+        assert torch.allclose(cls(store, None)(x), exact, rtol=1e-5)
+
+
+def test_fbgemm_batch_one_int8_kernel_matches_the_dequantized_matmul():
+    """The fallback where gpt2kit's native kernels are unavailable."""
     from gpt2kit.model.quantized import _Int8Dynamic, _QuantStore
 
     if not _Int8Dynamic.available():
         pytest.skip("this torch build has no fbgemm dynamic int8 kernel")
-    codes = torch.full((16, 256), 255, dtype=torch.uint8)  # code 255, zero 0 -> the largest weights
-    layer = QuantLinear(_QuantStore(codes, torch.full((16, 1), 0.01), torch.zeros(16, 1, dtype=torch.uint8), 8, 256), None)
-    x = torch.full((1, 256), 3.0)
-    exact = F.linear(x, layer.dequantize())
-    assert torch.allclose(layer(x), exact, rtol=1e-5)
+    torch.manual_seed(0)
+    w, b, x = torch.randn(100, 64) * 0.1, torch.randn(100), torch.randn(1, 64)
+    codes, scales, zeros = quantize_tensor(w, 8, None)
+    store = _QuantStore(codes, scales, zeros, 8, 64)
+    exact = F.linear(x, store.dequantize(), b)
+    y = _Int8Dynamic(store, b)(x)
+    assert (y - exact).abs().max() < 2e-2 * exact.abs().max() and not torch.equal(y, exact)
 
 
 @pytest.mark.parametrize("bits", [8, 4])

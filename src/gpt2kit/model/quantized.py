@@ -25,6 +25,7 @@ a quantized model instead of silently dequantizing it.
 from __future__ import annotations
 
 import re
+import threading
 
 import torch
 import torch.nn as nn
@@ -106,13 +107,17 @@ class _QuantStore(nn.Module):
         q = self.qweight if rows is None else self.qweight[rows]
         return unpack_int4(q), zeros
 
-    def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def dequantize(self, rows: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """W~ [rows, cols] (or the rows `rows` of it). `out`: a CPU float32 buffer to write the whole matrix
+        into where the native kernels run (else ignored): a prefill's products reuse one such buffer."""
         if rows is None:
-            if self.bits == 4 and self.device.type == "cpu" and self.compute_dtype == torch.float32:
+            if self.device.type == "cpu" and self.compute_dtype == torch.float32:
                 from . import native  # one pass in C, bitwise equal to the tensor ops below
 
                 if native.library() is not None:
-                    return native.int4_dequantize(self.qweight, self.scales, self.zeros, self.cols)
+                    if self.bits == 4:
+                        return native.int4_dequantize(self.qweight, self.scales, self.zeros, self.cols, out=out)
+                    return native.int8_dequantize(self.codes_s8, self.scales, self.zeros, out=out)
             q, z = self.codes()
             return dequantize(q, self.scales, z, self.compute_dtype)
         flat = rows.reshape(-1)
@@ -284,11 +289,47 @@ class _Int4Native:
         return self._gemv(self.blocks, x2, self.bias, self.rows, self.cols)
 
 
+class _Int8Native:
+    """Batch 1, int8 per channel: gpt2kit's own kernel (model/native/gemv_int8.c), compiled for this CPU.
+
+    It reads the store's signed codes where they are (fbgemm keeps a packed copy of every weight: a second
+    124 MB for gpt2) and quantizes the activation row per block of 32 to int8, as llama.cpp does for q8_0
+    (fbgemm uses one scale for the whole row). Used only for one row, so a row's result never depends on
+    which other rows share its batch.
+    """
+
+    @staticmethod
+    def available() -> bool:
+        from . import native
+
+        return native.library() is not None
+
+    @staticmethod
+    def fits(store: _QuantStore) -> bool:
+        from . import native
+
+        return store.cols % native.BLOCK == 0
+
+    def __init__(self, store: _QuantStore, bias: torch.Tensor | None):
+        from . import native
+
+        self.codes_s8 = store.codes_s8  # shared with the store, not copied
+        self.scales = store.scales[:, 0].contiguous()
+        self.zeros = store.zeros[:, 0].contiguous()
+        self.bias = None if bias is None else bias.float().contiguous()
+        self._gemv = native.int8_gemv
+
+    def __call__(self, x2: torch.Tensor) -> torch.Tensor:
+        return self._gemv(self.codes_s8, self.scales, self.zeros, x2, self.bias)
+
+
 def _small_batch_kernel_class(store: _QuantStore, rows: int):
     """The kernel class for `rows` input rows of this weight, or None (dequantize + F.linear)."""
     if rows > SMALL_BATCH_MAX_ROWS:
         return None
     if store.bits == 8 and store.group_size == store.cols:
+        if rows == 1 and _Int8Native.fits(store) and _Int8Native.available():
+            return _Int8Native
         if rows == 1 and _Int8Dynamic.available():
             return _Int8Dynamic
         if _Int8WeightOnly.available():
@@ -298,6 +339,20 @@ def _small_batch_kernel_class(store: _QuantStore, rows: int):
     if store.bits == 4 and _Int4Packed.available() and _Int4Packed.fits(store):
         return _Int4Packed
     return None
+
+
+_buffers = threading.local()
+# the largest weight dequantized into the reused buffer: gpt2-xl's block weights (10.2M) fit, an output
+# head (gpt2: 38.6M, 154 MB) does not, so the buffer never holds a head's worth of memory for good
+_DEQUANT_BUFFER_MAX = 16 * 2**20
+
+
+def _dequant_buffer(rows: int, cols: int) -> torch.Tensor:
+    """This thread's float32 scratch for one dequantized weight, grown to the largest asked for."""
+    buf = getattr(_buffers, "flat", None)
+    if buf is None or buf.numel() < rows * cols:
+        buf = _buffers.flat = torch.empty(rows * cols)
+    return buf[: rows * cols].view(rows, cols)
 
 
 class QuantLinear(nn.Module):
@@ -310,6 +365,7 @@ class QuantLinear(nn.Module):
         self.out_features = store.rows
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self._kernels: dict[type, object] = {}
+        self._kernel_class: dict[int, type | None] = {}
 
     @property
     def bits(self) -> int:
@@ -323,7 +379,12 @@ class QuantLinear(nn.Module):
         directly, for a decode step on CPU; None where no such kernel applies (then use forward)."""
         if self.store.device.type != "cpu":
             return None
-        cls = _small_batch_kernel_class(self.store, rows)
+        # the choice depends on the row count only through these cases; checking that a weight fits a
+        # kernel scans its scales (36 ms for gpt2's int4 layers), so it is made once per case
+        case = 0 if rows > SMALL_BATCH_MAX_ROWS else (1 if rows == 1 else 2)
+        if case not in self._kernel_class:
+            self._kernel_class[case] = _small_batch_kernel_class(self.store, rows)
+        cls = self._kernel_class[case]
         if cls is None:
             return None
         if cls not in self._kernels:
@@ -336,7 +397,13 @@ class QuantLinear(nn.Module):
         kernel = None if x.requires_grad or x.device.type != "cpu" else self.small_batch_kernel(rows)
         if kernel is not None:
             return kernel(x.reshape(rows, x.shape[-1])).to(x.dtype).view(*x.shape[:-1], self.out_features)
-        return float_linear(x, self.store.dequantize().to(x.dtype), self.bias)
+        if (x.requires_grad or x.dtype != torch.float32 or x.device.type != "cpu"
+                or self.out_features * self.in_features > _DEQUANT_BUFFER_MAX):
+            return float_linear(x, self.store.dequantize().to(x.dtype), self.bias)
+        # no autograd keeps the weight: dequantize into a reused buffer. A fresh one costs a page fault per
+        # 4 KB each time (int8 gpt2 prefill 512: ~75 ms of dequantizing against ~15 with the buffer here)
+        w = self.store.dequantize(out=_dequant_buffer(self.out_features, self.in_features))
+        return float_linear(x, w, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "

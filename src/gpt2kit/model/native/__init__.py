@@ -31,7 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("gemv.c", "gemm_f32.c", "attention.c")]
+_SOURCES = [Path(__file__).with_name(name)
+            for name in ("gemv.c", "gemv_int8.c", "gemm_f32.c", "attention.c", "decode_step.c")]
+_HEADERS = [Path(__file__).with_name("kernels.h")]
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": CDLL | None, "why": str
 
@@ -98,7 +100,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     if cc is None:
         return None, "no C compiler (cc or gcc, or $CC) on PATH"
     key = hashlib.sha256()
-    for part in (*(p.read_bytes() for p in _SOURCES), cc.encode(), " ".join(_arch_flags()).encode(), _cpu_flags().encode(),
+    for part in (*(p.read_bytes() for p in _SOURCES + _HEADERS), cc.encode(), " ".join(_arch_flags()).encode(), _cpu_flags().encode(),
                  platform.machine().encode()):
         key.update(part)
         key.update(b"\0")
@@ -128,6 +130,13 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
                                              ctypes.c_longlong, ctypes.c_int, ctypes.c_void_p, ctypes.c_float,
                                              ctypes.c_void_p, ctypes.c_int]
     lib.gpt2kit_decode_attention.restype = ctypes.c_int
+    lib.gpt2kit_int8_gemv.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 3
+    lib.gpt2kit_int8_gemv.restype = ctypes.c_int
+    lib.gpt2kit_int8_dequantize.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4
+    lib.gpt2kit_int8_dequantize.restype = None
+    lib.gpt2kit_decode_step.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                                        ctypes.c_void_p, ctypes.c_int]
+    lib.gpt2kit_decode_step.restype = ctypes.c_int
     return lib, ""
 
 
@@ -196,9 +205,54 @@ def int4_gemv(blocks: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, 
     return y
 
 
+def int8_gemv(codes_s8: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, x: torch.Tensor,
+              bias: torch.Tensor | None, threads: int | None = None) -> torch.Tensor:
+    """y [1, rows] = W~ x for one float32 row x [1, cols] and an int8 weight per output row: signed codes
+    [rows, cols] (code - 128), float32 scales [rows] and uint8 zeros [rows] (W~ = (code - zero) * scale);
+    cols a multiple of 32. The row is quantized per block of 32 to int8 (gemv_int8.c)."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"native kernels {status()}")
+    rows, cols = codes_s8.shape
+    if cols % BLOCK or scales.shape != (rows,) or zeros.shape != (rows,):
+        raise ValueError(f"int8_gemv: codes {list(codes_s8.shape)}, scales {list(scales.shape)} do not fit")
+    x = x.reshape(cols).float().contiguous()
+    y = torch.empty(1, rows)
+    rc = lib.gpt2kit_int8_gemv(codes_s8.data_ptr(), scales.data_ptr(), zeros.data_ptr(), x.data_ptr(),
+                               None if bias is None else bias.data_ptr(), y.data_ptr(), rows, cols,
+                               threads or torch.get_num_threads())
+    if rc:
+        raise MemoryError("native int8 kernel: out of memory for the activation row")
+    return y
+
+
+def _output(out: torch.Tensor | None, rows: int, cols: int) -> torch.Tensor:
+    if out is None:
+        return torch.empty(rows, cols)
+    if out.shape != (rows, cols) or out.dtype != torch.float32 or not out.is_contiguous() or out.device.type != "cpu":
+        raise ValueError(f"dequantize: out must be a contiguous CPU float32 [{rows}, {cols}], got {out.dtype} {list(out.shape)}")
+    return out
+
+
+def int8_dequantize(codes_s8: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                    threads: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(codes - zeros) * scales [rows, cols] float32 from gpt2kit's in-memory int8 storage (signed codes =
+    code - 128), in one pass (bitwise equal to gpt2kit.model.quantized.dequantize)."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"native kernels {status()}")
+    rows, cols = codes_s8.shape
+    if scales.shape[0] != rows or cols % scales.shape[1] or zeros.shape != scales.shape:
+        raise ValueError(f"int8 codes {list(codes_s8.shape)} and scales {list(scales.shape)} do not fit")
+    q, s, z = codes_s8.contiguous(), scales.float().contiguous(), zeros.contiguous()
+    out = _output(out, rows, cols)
+    lib.gpt2kit_int8_dequantize(q.data_ptr(), s.data_ptr(), z.data_ptr(), out.data_ptr(), rows, cols,
+                                cols // scales.shape[1], threads or torch.get_num_threads())
+    return out
+
 
 def int4_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, cols: int,
-                    threads: int | None = None) -> torch.Tensor:
+                    threads: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """(codes - zeros) * scales [rows, cols] float32 from gpt2kit's int4 storage, in one pass (bitwise
     equal to gpt2kit.model.quantized.dequantize)."""
     lib = library()
@@ -209,7 +263,7 @@ def int4_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
     if group % 2 or qweight.shape[1] * 2 != cols:
         raise ValueError(f"int4 codes [{rows}, {qweight.shape[1]}] with group {group} do not fit {cols} columns")
     q, s, z = qweight.contiguous(), scales.float().contiguous(), zeros.contiguous()
-    out = torch.empty(rows, cols)
+    out = _output(out, rows, cols)
     lib.gpt2kit_int4_dequantize(q.data_ptr(), s.data_ptr(), z.data_ptr(), out.data_ptr(), rows, cols, group,
                                 threads or torch.get_num_threads())
     return out

@@ -23,6 +23,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include "kernels.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -76,7 +77,7 @@ static float fp16_to_float(uint16_t h) {
 /* The activation row per block of 32: int8 codes, their scale, and scale * sum of codes. With AVX2, also
  * the codes of each pair of blocks (b, b + 1) reordered as [b 0-15 | b+1 0-15 | b 16-31 | b+1 16-31], the
  * order in which the low and high nibbles of the two blocks' 32 code bytes meet them. */
-static void quantize_row(const float *x, int cols, int8_t *xq, int8_t *xp, int8_t *x4, float *xs, float *xsum) {
+void gk_q8_quantize(const float *x, int cols, int8_t *xq, int8_t *xp, int8_t *x4, float *xs, float *xsum) {
     const int nb = cols / 32;
     for (int b = 0; b < nb; b++) {
         const float *v = x + 32 * b;
@@ -122,18 +123,11 @@ static inline __m256i dot_u8_s8(__m256i acc, __m256i u, __m256i s) {
     return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
 #endif
 }
-
-static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 #endif
 
 /* One output: row = d[nb] m[nb] qs[nb][16]; sc is scratch for nb floats. */
-static float row_dot(const uint8_t *row, int nb, const int8_t *xq, const int8_t *xp, const int8_t *x4,
-                     const float *xs, const float *xsum, float *sc) {
+float gk_int4_row_dot(const uint8_t *row, int nb, const int8_t *xq, const int8_t *xp, const int8_t *x4,
+                      const float *xs, const float *xsum, float *sc) {
     const uint16_t *d = (const uint16_t *)row, *m = d + nb;
     const uint8_t *qs = (const uint8_t *)(m + nb);
     float zterm = 0.0f, total = 0.0f;
@@ -147,7 +141,7 @@ static float row_dot(const uint8_t *row, int nb, const int8_t *xq, const int8_t 
         _mm256_storeu_ps(sc + b, _mm256_mul_ps(dv, _mm256_loadu_ps(xs + b)));
         z8 = _mm256_fmadd_ps(mv, _mm256_loadu_ps(xsum + b), z8);
     }
-    zterm = hsum8(z8);
+    zterm = gk_hsum8(z8);
     for (; b < nb; b++) {
         sc[b] = fp16_to_float(d[b]) * xs[b];
         zterm += fp16_to_float(m[b]) * xsum[b];
@@ -185,7 +179,7 @@ static float row_dot(const uint8_t *row, int nb, const int8_t *xq, const int8_t 
         __m256 scale = _mm256_set_m128(_mm_broadcast_ss(sc + b + 1), _mm_broadcast_ss(sc + b));
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc);
     }
-    total += hsum8(acc);
+    total += gk_hsum8(acc);
     if (b < nb) { /* the odd block */
         const uint8_t *qb = qs + 16 * b;
         const int8_t *x0 = xq + 32 * b;
@@ -218,7 +212,7 @@ int gpt2kit_int4_gemv(const void *blocks, const float *x, const float *bias, flo
     if (!xq) return -1;
     int8_t *xp = xq + cols, *x4 = xp + cols;
     float *xs = (float *)(x4 + cols), *xsum = xs + nb;
-    quantize_row(x, cols, xq, xp, x4, xs, xsum);
+    gk_q8_quantize(x, cols, xq, xp, x4, xs, xsum);
     const uint8_t *w = (const uint8_t *)blocks;
     int failed = 0;
 #pragma omp parallel num_threads(threads)
@@ -245,7 +239,7 @@ int gpt2kit_int4_gemv(const void *blocks, const float *x, const float *bias, flo
                 const char *ahead = (const char *)(w + (size_t)r * row_bytes) + GPT2KIT_PREFETCH;
                 for (size_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(ahead + off, 0, GPT2KIT_PREFETCH_LOCALITY);
 #endif
-                float v = row_dot(w + (size_t)r * row_bytes, nb, xq, xp, x4, xs, xsum, sc);
+                float v = gk_int4_row_dot(w + (size_t)r * row_bytes, nb, xq, xp, x4, xs, xsum, sc);
                 y[r] = bias ? v + bias[r] : v;
             }
         }

@@ -1,0 +1,372 @@
+/* One whole batch-1 decode step of a plain GPT-2 in one call (gpt2kit.decode_fast): every block's layer
+ * norms, products, attention over the KV cache, GELU and residual adds, then the final norm and the head.
+ *
+ * Why: at one row a step streams every weight once, so its time should be the time to read them. Run
+ * from Python, a step of gpt2 made ~35 numpy calls a layer and 49 products that each started and ended
+ * their own parallel region: about 1 ms of a 3.4 ms int4 step on a Zen 5 EPYC (py-spy, docs/benchmarks.md).
+ * Here one OpenMP region spans the step: each product's rows are split over the threads, the small
+ * row-wide work (layer norm, quantizing an activation) runs on one thread, and a barrier separates the
+ * phases. Residual adds and GELU are fused into the products that feed them.
+ *
+ * Projections are float32 [rows, cols] (nn.Linear's layout), int4 in gemv.c's blocks, or int8 per row
+ * (gemv_int8.c); a quantized product multiplies a per-block int8 copy of its activation, as gemv.c and
+ * gemv_int8.c do on their own, so a layer gives what its own kernel gives up to float rounding.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include "kernels.h"
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#include <immintrin.h>
+#endif
+
+
+enum { GK_F32 = 0, GK_INT4 = 1, GK_INT8 = 2 };
+
+typedef struct {
+    int kind, rows, cols;
+    const void *w;        /* f32 [rows, cols]; int4 blocks [rows, cols / 32 * 20]; int8 codes - 128 [rows, cols] */
+    const float *bias;    /* [rows] or NULL */
+    const float *scale;   /* int8: [rows] */
+    const uint8_t *zero;  /* int8: [rows], the unsigned zero point */
+} gk_proj;
+
+/* An embedding table in gpt2kit's storage (gpt2kit.model.quantized): float32 [rows, cols]; int4 codes two
+ * per byte (element 2j low) or int8 codes - 128, with float32 scales and uint8 zeros [rows, groups]. */
+typedef struct {
+    int kind, rows, cols, groups;
+    const void *w;
+    const float *scale;
+    const uint8_t *zero;
+} gk_table;
+
+typedef struct {
+    const float *ln1_w, *ln1_b, *ln2_w, *ln2_b;
+    gk_proj qkv, proj, fc, out;
+    float *k, *v; /* this layer's cache for the row: element (h, t, d) at h * sh + t * st + d */
+} gk_layer;
+
+typedef struct {
+    gk_table wte, wpe;
+    int n_layer, n_head, head_dim, max_len;
+    float eps;
+    long long sh, st;
+    const gk_layer *layers;
+    const float *lnf_w, *lnf_b;
+    gk_proj head;
+    /* how rows are read, chosen per CPU by the caller (gpt2kit.decode_native): each thread's rows as
+     * `streams` side-by-side streams, software prefetch that many bytes ahead (0: none) for float32 and
+     * quantized rows */
+    int streams, prefetch_f32, prefetch_q;
+} gk_net;
+
+/* A row and, when a quantized product reads it, its per-block int8 form. */
+typedef struct {
+    const float *x;
+    int8_t *xq, *xp, *x4;
+    float *xs, *xsum, *xs8, zsum;
+} gk_act;
+
+/* ----- row-wide pieces -------------------------------------------------------------------------------- */
+
+static void layer_norm(const float *x, const float *w, const float *b, float eps, int n, float *out) {
+    float mean = 0.0f, var = 0.0f;
+#pragma omp simd reduction(+ : mean)
+    for (int i = 0; i < n; i++) mean += x[i];
+    mean /= (float)n;
+#pragma omp simd reduction(+ : var)
+    for (int i = 0; i < n; i++) var += (x[i] - mean) * (x[i] - mean);
+    const float rstd = 1.0f / sqrtf(var / (float)n + eps);
+#pragma omp simd
+    for (int i = 0; i < n; i++) out[i] = (x[i] - mean) * rstd * w[i] + b[i];
+}
+
+/* e^x to ~2 ulp in plain arithmetic the compiler vectorizes (Cephes' expf polynomial on [-ln2/2, ln2/2],
+ * times 2^n through the exponent bits); inputs are clamped to [-87, 88]. */
+static inline float exp_fast(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    const float n = floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    union { int32_t i; float f; } s;
+    s.i = ((int32_t)n + 127) << 23;
+    return p * s.f;
+}
+
+/* GPT-2's GELU, 0.5 x (1 + tanh(u)) with u = sqrt(2/pi) (x + 0.044715 x^3), written as x / (1 + e^(-2u)). */
+static void gelu(float *y, int n) {
+#pragma omp simd
+    for (int i = 0; i < n; i++) {
+        const float x = y[i];
+        const float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+        y[i] = x / (1.0f + exp_fast(-2.0f * u));
+    }
+}
+
+static void quantize(gk_act *a, int cols) {
+    gk_q8_quantize(a->x, cols, a->xq, a->xp, a->x4, a->xs, a->xsum);
+    gk_int8_expand_scales(a->xs, cols / 32, a->xs8);
+    float z = 0.0f;
+    for (int b = 0; b < cols / 32; b++) z += a->xsum[b];
+    a->zsum = z;
+}
+
+/* ----- products ---------------------------------------------------------------------------------------- */
+
+static float f32_row_dot(const float *w, const float *x, int n) {
+    int k = 0;
+    float s = 0.0f;
+#if defined(__AVX512F__)
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    for (; k + 64 <= n; k += 64) {
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + k), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 16), _mm512_loadu_ps(x + k + 16), a1);
+        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 32), _mm512_loadu_ps(x + k + 32), a2);
+        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 48), _mm512_loadu_ps(x + k + 48), a3);
+    }
+    for (; k + 16 <= n; k += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + k), a0);
+    s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+#elif defined(__AVX2__) && defined(__FMA__)
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    for (; k + 32 <= n; k += 32) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 16), _mm256_loadu_ps(x + k + 16), a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 24), _mm256_loadu_ps(x + k + 24), a3);
+    }
+    for (; k + 8 <= n; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
+    s = gk_hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+#endif
+    for (; k < n; k++) s += w[k] * x[k];
+    return s;
+}
+
+static size_t row_bytes(const gk_proj *p) {
+    switch (p->kind) {
+    case GK_INT4: return (size_t)(p->cols / 32) * 20;
+    case GK_INT8: return (size_t)p->cols;
+    default: return (size_t)p->cols * sizeof(float);
+    }
+}
+
+enum { SET = 0, ADD = 1, SET_GELU = 2 };
+
+/* This thread's share of y = W a + b (SET), y += W a + b (ADD), y = gelu(W a + b) (SET_GELU). Rows
+ * [r0, r1) are read as n->streams side-by-side streams, each prefetched ahead where asked. Which helps
+ * depends on the CPU: on a Xeon VM two streams and 8 KB ahead took int4 rows from 12.9 to 21.5 GB/s
+ * (gemv.c); on a Zen 5 EPYC one stream with no software prefetch read float32 rows 13% faster. */
+static void product(const gk_net *n, const gk_proj *p, const gk_act *a, float *y, int mode, int t, int nt,
+                    float *sc) {
+    const int r0 = (int)((long long)p->rows * t / nt), r1 = (int)((long long)p->rows * (t + 1) / nt);
+    const size_t rb = row_bytes(p);
+    const int streams = n->streams > 0 ? n->streams : 1;
+    const size_t ahead = (size_t)(p->kind == GK_F32 ? n->prefetch_f32 : n->prefetch_q);
+    const int part = (r1 - r0 + streams - 1) / streams;
+    const uint8_t *base = (const uint8_t *)p->w;
+    const int nb = p->cols / 32;
+    for (int i = 0; i < part; i++) {
+        for (int k = 0; k < streams; k++) {
+            const int r = r0 + i + k * part;
+            if (r >= r1) break;
+            const uint8_t *row = base + (size_t)r * rb;
+            if (ahead)
+                for (size_t off = 0; off < rb; off += 64) __builtin_prefetch(row + ahead + off, 0, 1);
+            float v;
+            if (p->kind == GK_INT4) {
+                v = gk_int4_row_dot(row, nb, a->xq, a->xp, a->x4, a->xs, a->xsum, sc);
+            } else if (p->kind == GK_INT8) {
+                v = p->scale[r] * (gk_int8_row_dot((const int8_t *)row, p->cols, a->xq, a->xs, a->xs8)
+                                   - (float)p->zero[r] * a->zsum);
+            } else {
+                v = f32_row_dot((const float *)row, a->x, p->cols);
+            }
+            if (p->bias) v += p->bias[r];
+            if (mode == ADD) y[r] += v;
+            else y[r] = v;
+        }
+    }
+    if (mode == SET_GELU) gelu(y + r0, r1 - r0);
+}
+
+/* softmax(q K^T * scale) V for this thread's heads over positions [0, T); the new key and value (in qkv)
+ * are written to the cache at position T - 1 first. keep: [T] bytes, 0 = masked, or NULL. */
+static void attention(const gk_net *n, const gk_layer *L, const float *qkv, int T, const uint8_t *keep,
+                      float *out, float *p, int t, int nt) {
+    const int H = n->n_head, D = n->head_dim, C = H * D;
+    const float scale = 1.0f / sqrtf((float)D);
+    for (int h = H * t / nt; h < H * (t + 1) / nt; h++) {
+        float *kb = L->k + h * n->sh, *vb = L->v + h * n->sh;
+        memcpy(kb + (size_t)(T - 1) * n->st, qkv + C + h * D, sizeof(float) * (size_t)D);
+        memcpy(vb + (size_t)(T - 1) * n->st, qkv + 2 * C + h * D, sizeof(float) * (size_t)D);
+        const float *q = qkv + h * D;
+        float m = -INFINITY;
+        for (int j = 0; j < T; j++) {
+            const float *kr = kb + (size_t)j * n->st;
+            float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+            for (int d = 0; d < D; d++) s += q[d] * kr[d];
+            s *= scale;
+            if (keep && !keep[j]) s = -INFINITY;
+            p[j] = s;
+            if (s > m) m = s;
+        }
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int j = 0; j < T; j++) {
+            const float e = p[j] == -INFINITY ? 0.0f : exp_fast(p[j] - m);
+            p[j] = e;
+            sum += e;
+        }
+        const float inv = 1.0f / sum;
+        float *o = out + h * D;
+        for (int d = 0; d < D; d++) o[d] = 0.0f;
+        for (int j = 0; j < T; j++) {
+            const float w = p[j] * inv;
+            if (w == 0.0f) continue;
+            const float *vr = vb + (size_t)j * n->st;
+#pragma omp simd
+            for (int d = 0; d < D; d++) o[d] += w * vr[d];
+        }
+    }
+}
+
+/* out += row r of the table, dequantized as gpt2kit.model.quantized.dequantize does ((code - zero) * scale
+ * in float32, so bitwise the same row) */
+static void add_row(const gk_table *e, int r, float *out) {
+    const int C = e->cols, group = C / e->groups;
+    if (e->kind == GK_F32) {
+        const float *w = (const float *)e->w + (size_t)r * C;
+        for (int j = 0; j < C; j++) out[j] += w[j];
+        return;
+    }
+    const float *s = e->scale + (size_t)r * e->groups;
+    const uint8_t *z = e->zero + (size_t)r * e->groups;
+    for (int g = 0; g < e->groups; g++) {
+        if (e->kind == GK_INT4) {
+            const uint8_t *q = (const uint8_t *)e->w + (size_t)r * (C / 2);
+            for (int j = g * group; j < (g + 1) * group; j++)
+                out[j] += ((float)((j & 1) ? q[j / 2] >> 4 : q[j / 2] & 0x0f) - (float)z[g]) * s[g];
+        } else {
+            const int8_t *q = (const int8_t *)e->w + (size_t)r * C;
+            for (int j = g * group; j < (g + 1) * group; j++) out[j] += ((float)q[j] - (float)(z[g] - 128)) * s[g];
+        }
+    }
+}
+
+/* ----- the step ---------------------------------------------------------------------------------------- */
+
+static void make_act(gk_act *a, const float *x, int8_t *q, float *f, int cols) {
+    a->x = x;
+    a->xq = q;
+    a->xp = q + cols;
+    a->x4 = q + 2 * cols;
+    a->xs = f;
+    a->xsum = f + cols / 32;
+    a->xs8 = f + 2 * (cols / 32);
+    a->zsum = 0.0f;
+}
+
+/* The token `token` at position `position` (its wpe row); P = the cache's length before this step (the
+ * new key and value go there), keep [P + 1] bytes or NULL; logits [vocab]. 0; -1 when out of memory; -2
+ * for a token or position outside its table. */
+int gpt2kit_decode_step(const gk_net *n, int token, int position, int P, const uint8_t *keep, float *logits,
+                        int threads) {
+    const int C = n->n_head * n->head_dim, F = n->layers[0].fc.rows, T = P + 1;
+    if (threads < 1) threads = 1;
+    if (token < 0 || token >= n->wte.rows || position < 0 || position >= n->wpe.rows || P < 0 || P >= n->max_len)
+        return -2;
+    const size_t big = (size_t)(F > 3 * C ? F : 3 * C);
+    /* floats: h [C], qkv [3C], att [C], f [F]; activation blocks for a C row and an F row */
+    float *fbuf = (float *)calloc(6 * (size_t)C + big + 10 * (size_t)(C / 32) + 10 * (size_t)(F / 32), sizeof(float));
+    int8_t *qbuf = (int8_t *)malloc(3 * (size_t)C + 3 * (size_t)F);
+    if (!fbuf || !qbuf) {
+        free(fbuf);
+        free(qbuf);
+        return -1;
+    }
+    float *h = fbuf, *qkv = h + C, *att = qkv + 3 * C, *f = att + C;
+    float *fc_blocks = f + big, *cf_blocks = fc_blocks + 10 * (F / 32), *x = cf_blocks + 10 * (C / 32);
+    add_row(&n->wte, token, x); /* the residual stream: token + position embedding */
+    add_row(&n->wpe, position, x);
+    gk_act ah, aatt, af;
+    make_act(&ah, h, qbuf, cf_blocks, C);
+    make_act(&aatt, att, qbuf, cf_blocks, C); /* h and att are never quantized at the same time */
+    make_act(&af, f, qbuf + 3 * C, fc_blocks, F);
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+#ifdef _OPENMP
+        const int nt = omp_get_num_threads(), t = omp_get_thread_num();
+#else
+        const int nt = 1, t = 0;
+#endif
+        const int wide = F > n->head.cols ? F : n->head.cols;
+        float *sc = (float *)malloc(sizeof(float) * (size_t)(wide / 32 + 1));
+        float *p = (float *)malloc(sizeof(float) * (size_t)T);
+        if (!sc || !p) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        int bad;
+#pragma omp atomic read
+        bad = failed;
+        const int ok = !bad;
+        for (int l = 0; ok && l < n->n_layer; l++) {
+            const gk_layer *L = &n->layers[l];
+#pragma omp single
+            {
+                layer_norm(x, L->ln1_w, L->ln1_b, n->eps, C, h);
+                if (L->qkv.kind != GK_F32) quantize(&ah, C);
+            }
+            product(n, &L->qkv, &ah, qkv, SET, t, nt, sc);
+#pragma omp barrier
+            attention(n, L, qkv, T, keep, att, p, t, nt);
+#pragma omp barrier
+            if (L->proj.kind != GK_F32) {
+#pragma omp single
+                quantize(&aatt, C);
+            }
+            product(n, &L->proj, &aatt, x, ADD, t, nt, sc);
+#pragma omp barrier
+#pragma omp single
+            {
+                layer_norm(x, L->ln2_w, L->ln2_b, n->eps, C, h);
+                if (L->fc.kind != GK_F32) quantize(&ah, C);
+            }
+            product(n, &L->fc, &ah, f, SET_GELU, t, nt, sc);
+#pragma omp barrier
+            if (L->out.kind != GK_F32) {
+#pragma omp single
+                quantize(&af, F);
+            }
+            product(n, &L->out, &af, x, ADD, t, nt, sc);
+#pragma omp barrier
+        }
+        if (ok) {
+#pragma omp single
+            {
+                layer_norm(x, n->lnf_w, n->lnf_b, n->eps, C, h);
+                if (n->head.kind != GK_F32) quantize(&ah, C);
+            }
+            product(n, &n->head, &ah, logits, SET, t, nt, sc);
+        }
+        free(sc);
+        free(p);
+    }
+    free(fbuf);
+    free(qbuf);
+    return failed ? -1 : 0;
+}
