@@ -262,10 +262,13 @@ class TokenStream:
         if padded:
             pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
             self._positions = pos[:, -1] + 1  # the next token's position, per row
-        out = self.model(
-            self.out[:, start:end], kv_cache=self.cache, attention_mask=mask if padded else None,
-            position_ids=pos, last_only=True,
-        )
+        from .model.quantized import generation_prefill
+
+        with generation_prefill():
+            out = self.model(
+                self.out[:, start:end], kv_cache=self.cache, attention_mask=mask if padded else None,
+                position_ids=pos, last_only=True,
+            )
         return out.logits[:, -1, :]
 
     def _update_finished(self, tok: torch.Tensor, col: int) -> None:

@@ -33,6 +33,7 @@ import torch
 
 from .errors import UserError
 from .generate import TextStream, TokenStream, _pick_decoder
+from .model.quantized import generation_prefill
 from .sampling import filter_logits, greedy, sample
 
 MAX_DRAFT_TOKENS = 16
@@ -155,7 +156,8 @@ class SpeculativeStream(TokenStream):
             return self._draft_verifier(self.out[:, cache.length : col + 1], cache)[:, -1].float()
         if col - cache.length > 0:  # more than one pending column: a (prefill) forward for all but the last
             mask = self.out_mask[:, :col] if self.padded else None
-            self.draft(self.out[:, cache.length : col], kv_cache=cache, attention_mask=mask, last_only=True)
+            with generation_prefill():
+                self.draft(self.out[:, cache.length : col], kv_cache=cache, attention_mask=mask, last_only=True)
         mask = self.out_mask[:, : col + 1] if self.padded else None
         pos = self.positions[:, col : col + 1] if self.padded else None
         return self._draft_step(self.out[:, col : col + 1], cache, mask, pos).float()
@@ -201,7 +203,8 @@ class SpeculativeStream(TokenStream):
         cache = self.cache
         if cache.length < end - 1:  # the prompt's prefill (all but the last token)
             mask = self.out_mask[:, : end - 1] if self.padded else None
-            self.model(self.out[:, cache.length : end - 1], kv_cache=cache, attention_mask=mask, last_only=True)
+            with generation_prefill():
+                self.model(self.out[:, cache.length : end - 1], kv_cache=cache, attention_mask=mask, last_only=True)
         logits = self._verify(self.out[:, end - 1 : end + k], cache)
         drafts = self.out[:, end : end + k]
 

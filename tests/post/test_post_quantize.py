@@ -274,3 +274,37 @@ def test_cli_bad_group_size_and_existing_output(tmp_path, trained, capsys):
     (tmp_path / "taken" / "keep.txt").write_text("mine")
     assert main(["quantize", str(ckpt), "--bits", "8", "--out", str(tmp_path / "taken")]) == 2
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_generation_prefill_may_use_bf16_and_everything_else_stays_exact(bits, monkeypatch):
+    """Inside generation_prefill() many-row quantized products run in bf16 where the CPU multiplies bf16
+    natively (or when forced); outside it -- evaluation, scoring -- they are the exact float32 product."""
+    from gpt2kit.model.quantized import _QuantStore, generation_prefill, quant_prefill_dtype
+
+    torch.manual_seed(0)
+    w, b = torch.randn(96, 64) * 0.1, torch.randn(96)
+    codes, scales, zeros = quantize_tensor(w, bits, 32 if bits == 4 else None)
+    layer = QuantLinear(_QuantStore(pack_int4(codes) if bits == 4 else codes, scales, zeros, bits, 64), b)
+    x = torch.randn(100, 64)  # more rows than the small-batch kernels take
+    exact = F.linear(x, layer.dequantize(), b)
+    monkeypatch.setenv("GPT2KIT_QUANT_PREFILL", "bf16")
+    with torch.no_grad():
+        assert torch.equal(layer(x), exact)  # not in a generation's prefill
+        with generation_prefill():
+            fast = layer(x)
+        assert torch.equal(layer(x), exact)  # the context ended
+    assert fast.dtype == torch.float32 and not torch.equal(fast, exact)
+    assert (fast - exact).abs().max() < 2e-2 * exact.abs().max()
+    monkeypatch.setenv("GPT2KIT_QUANT_PREFILL", "float32")
+    with torch.no_grad(), generation_prefill():
+        assert torch.equal(layer(x), exact)
+    xg = x.clone().requires_grad_(True)
+    monkeypatch.setenv("GPT2KIT_QUANT_PREFILL", "bf16")
+    with generation_prefill():
+        assert torch.equal(layer(xg), exact)  # autograd: the exact product it can differentiate
+    monkeypatch.setenv("GPT2KIT_QUANT_PREFILL", "fast")
+    with pytest.raises(UserError, match="GPT2KIT_QUANT_PREFILL must be auto, bf16 or float32"):
+        quant_prefill_dtype()
+    monkeypatch.setenv("GPT2KIT_QUANT_PREFILL", "auto")
+    assert quant_prefill_dtype() in (torch.bfloat16, torch.float32)

@@ -22,6 +22,7 @@ import torch
 
 from ..errors import UserError, require_dir
 from ..fileio import atomic_write_json, read_json, update_json
+from . import hugepages
 from .config import GPT2Config
 from .gpt2 import GPT2Network
 
@@ -156,6 +157,9 @@ def load_pretrained(path, device=None, dtype=None, model_class: type[GPT2Network
     dtype = dtype or _common_float_dtype(state)
     state = {n: t.to(device=device or "cpu", dtype=dtype if t.is_floating_point() else t.dtype).contiguous()
              for n, t in state.items()}
+    del raw  # so that placing the weights frees each file tensor as it is copied
+    if torch.device(device or "cpu").type == "cpu":
+        state = hugepages.place(state)  # decoding streams them: in 2 MB pages where the OS allows
     model.load_state_dict(state, strict=False, assign=True)
     model.lm_head.weight = model.transformer.wte.weight  # re-tie: assign replaced the embedding parameter
     model.eval()

@@ -24,11 +24,15 @@ a quantized model instead of silently dequantizing it.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import os
 import re
 import threading
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..errors import UserError
 from .linear import float_linear
@@ -347,12 +351,69 @@ _buffers = threading.local()
 _DEQUANT_BUFFER_MAX = 16 * 2**20
 
 
-def _dequant_buffer(rows: int, cols: int) -> torch.Tensor:
-    """This thread's float32 scratch for one dequantized weight, grown to the largest asked for."""
-    buf = getattr(_buffers, "flat", None)
+def _dequant_buffer(rows: int, cols: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """This thread's scratch for one dequantized weight, per dtype, grown to the largest asked for."""
+    name = "flat" if dtype == torch.float32 else "flat_bf16"
+    buf = getattr(_buffers, name, None)
     if buf is None or buf.numel() < rows * cols:
-        buf = _buffers.flat = torch.empty(rows * cols)
+        buf = torch.empty(rows * cols, dtype=dtype)
+        setattr(_buffers, name, buf)
     return buf[: rows * cols].view(rows, cols)
+
+
+# ----- a generation's prefill: products of many rows in bf16 where the CPU multiplies bf16 natively -------
+#
+# A prompt's forward multiplies every weight by hundreds of rows: compute-bound, unlike a decode step. With
+# bf16 dot products (AVX512-BF16, AMX) oneDNN's bf16 GEMM ran 2.1x its float32 one at gpt2's prefill
+# shapes on a Zen 5 EPYC (915-934 against 427-462 GFLOP/s); int4 prefill of 512 tokens went 1840 -> 2500
+# tok/s, int8 2000 -> 2850 (docs/benchmarks.md). The weights are rounded to bf16 after dequantizing
+# (2^-9 of each, well inside their int4/int8 step) and so are the activations, as llama.cpp rounds its
+# activations to 8 bits. Only inside generation_prefill() (generate, the server, speculative decoding):
+# model.forward elsewhere -- evaluation, perplexity, training -- stays the exact float32 product of the
+# dequantized weight. GPT2KIT_QUANT_PREFILL=float32 turns it off, =bf16 forces it.
+_in_generation_prefill: contextvars.ContextVar[bool] = contextvars.ContextVar("gpt2kit_generation_prefill",
+                                                                               default=False)
+
+
+@contextlib.contextmanager
+def generation_prefill():
+    """Inside, quantized layers may multiply many rows in bf16 (see quant_prefill_dtype)."""
+    token = _in_generation_prefill.set(True)
+    try:
+        yield
+    finally:
+        _in_generation_prefill.reset(token)
+
+
+def _cpu_has_bf16_dot() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line.split()
+                    return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        pass
+    return False
+
+
+_bf16_dot = None
+
+
+def quant_prefill_dtype() -> torch.dtype:
+    """The dtype of a generation prefill's quantized products here: bf16 where the CPU has bf16 dot
+    products (bf16 without them runs ~60x slower than float32: ../shared/PERF-NOTES.md), else float32."""
+    global _bf16_dot
+    choice = os.environ.get("GPT2KIT_QUANT_PREFILL", "auto").strip().lower()
+    if choice in ("float32", "fp32"):
+        return torch.float32
+    if choice == "bf16":
+        return torch.bfloat16
+    if choice != "auto":
+        raise UserError(f"GPT2KIT_QUANT_PREFILL must be auto, bf16 or float32, got {choice!r}")
+    if _bf16_dot is None:
+        _bf16_dot = _cpu_has_bf16_dot()
+    return torch.bfloat16 if _bf16_dot else torch.float32
 
 
 class QuantLinear(nn.Module):
@@ -403,6 +464,10 @@ class QuantLinear(nn.Module):
         # no autograd keeps the weight: dequantize into a reused buffer. A fresh one costs a page fault per
         # 4 KB each time (int8 gpt2 prefill 512: ~75 ms of dequantizing against ~15 with the buffer here)
         w = self.store.dequantize(out=_dequant_buffer(self.out_features, self.in_features))
+        if _in_generation_prefill.get() and quant_prefill_dtype() == torch.bfloat16:
+            wb = _dequant_buffer(self.out_features, self.in_features, torch.bfloat16).copy_(w)
+            y = F.linear(x.to(torch.bfloat16), wb).float()
+            return y if self.bias is None else y.add_(self.bias)
         return float_linear(x, w, self.bias)
 
     def extra_repr(self) -> str:

@@ -14,11 +14,13 @@ prompt costs several short pauses of the decode loop instead of one long one.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
 
 from ..model.kv_cache import KVCache
+from ..model.quantized import generation_prefill
 
 # a group's padded size (rows x longest prompt) stays within this factor of its real tokens (+ slack)
 MAX_PADDING = 1.25
@@ -68,8 +70,11 @@ class PrefillGroup:
         a = self.done
         b = min(self.width, a + max(1, columns))
         mask = None if self.mask is None else self.mask[:, :b]
-        logits = model(self.ids[:, a:b], kv_cache=self.cache, attention_mask=mask,
-                       last_only=not self.full_logits).logits.float()
+        # a prompt whose own log-probabilities are asked for (echo) is scored exactly; otherwise only its
+        # last position's logits count, and quantized products may run in bf16 (generation_prefill)
+        with contextlib.nullcontext() if self.full_logits else generation_prefill():
+            logits = model(self.ids[:, a:b], kv_cache=self.cache, attention_mask=mask,
+                           last_only=not self.full_logits).logits.float()
         self.done = b
         if self.full_logits:
             self.parts.append(logits[0])
