@@ -132,7 +132,7 @@ def test_every_isa_path_computes_the_same(tmp_path, flags, isa, run_python):
 
 
 @needs_native
-@pytest.mark.parametrize("rows, cols, group", [(5, 64, 32), (64, 256, 64), (33, 768, 256)])
+@pytest.mark.parametrize("rows, cols, group", [(5, 64, 32), (64, 256, 64), (33, 768, 256), (7, 72, 24), (3, 20, 10)])
 def test_int4_dequantize_is_bitwise_the_tensor_dequantization(rows, cols, group):
     from gpt2kit.model.quantized import dequantize, unpack_int4
 

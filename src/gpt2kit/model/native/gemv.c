@@ -262,7 +262,21 @@ void gpt2kit_int4_dequantize(const uint8_t *codes, const float *scales, const ui
         float *o = out + (size_t)r * cols;
         for (int g = 0; g < groups; g++) {
             const float s = scales[(size_t)r * groups + g], z = (float)zeros[(size_t)r * groups + g];
-            for (int j = g * group; j < (g + 1) * group; j += 2) {
+            int j = g * group;
+#if defined(GPT2KIT_AVX2)
+            /* 16 codes a step: 8 bytes, nibbles interleaved back into element order (same two float ops) */
+            const __m256 zv = _mm256_set1_ps(z), sv = _mm256_set1_ps(s);
+            const __m128i low4 = _mm_set1_epi8(0x0f);
+            for (; j + 16 <= (g + 1) * group; j += 16) {
+                const __m128i b = _mm_loadl_epi64((const __m128i *)(q + j / 2));
+                const __m128i c = _mm_unpacklo_epi8(_mm_and_si128(b, low4), _mm_and_si128(_mm_srli_epi16(b, 4), low4));
+                const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c));
+                const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(c, 8)));
+                _mm256_storeu_ps(o + j, _mm256_mul_ps(_mm256_sub_ps(lo, zv), sv));
+                _mm256_storeu_ps(o + j + 8, _mm256_mul_ps(_mm256_sub_ps(hi, zv), sv));
+            }
+#endif
+            for (; j < (g + 1) * group; j += 2) {
                 const uint8_t b = q[j / 2];
                 o[j] = ((float)(b & 0x0f) - z) * s;
                 o[j + 1] = ((float)(b >> 4) - z) * s;
