@@ -218,20 +218,47 @@ class NativeStep:
     def __call__(self, token: int, position: int, cache, keep: np.ndarray | None, logits: np.ndarray) -> None:
         self._bind(cache)
         P = cache.length
-        keep_ptr = None
-        if keep is not None:
-            keep = np.ascontiguousarray(keep.reshape(-1), dtype=np.bool_)
-            if keep.shape[0] != P + 1:
-                raise ValueError(f"mask has {keep.shape[0]} columns for {P + 1} positions")
-            keep_ptr = keep.ctypes.data
-        rc = self._lib.gpt2kit_decode_step(self._net_ref, token, position, P, keep_ptr, logits.ctypes.data,
-                                           torch.get_num_threads())
+        mask = self._mask(keep, P + 1)
+        rc = self._lib.gpt2kit_decode_step(self._net_ref, token, position, P, None if mask is None else mask.ctypes.data,
+                                           logits.ctypes.data, torch.get_num_threads())
+        self._check(rc, f"token {token} or position {position}", P)
+        cache.advance(1)
+
+    def rows(self, tokens: np.ndarray, position: int, cache, keep: np.ndarray | None, logits: np.ndarray,
+             all_logits: bool = True) -> None:
+        """T tokens of one sequence in one call: tokens [T] at positions position .. position + T - 1, into
+        the cache at cache.length (which advances by T); logits [T, V] (all_logits) or the last one's [V].
+        Each row's logits are bitwise those of T successive single steps (decode_step.c)."""
+        self._bind(cache)
+        P = cache.length
+        ids = np.ascontiguousarray(tokens.reshape(-1), dtype=np.int32)
+        T = ids.shape[0]
+        want = (T, self._net.head.rows) if all_logits else (self._net.head.rows,)
+        if logits.shape != want or logits.dtype != np.float32 or not logits.flags.c_contiguous:
+            raise ValueError(f"logits must be contiguous float32 {list(want)}, got {logits.dtype} {list(logits.shape)}")
+        mask = self._mask(keep, P + T)
+        rc = self._lib.gpt2kit_decode_rows(self._net_ref, ids.ctypes.data, T, position, P,
+                                           None if mask is None else mask.ctypes.data, logits.ctypes.data,
+                                           int(all_logits), torch.get_num_threads())
+        self._check(rc, f"tokens {ids.min()}..{ids.max()} or positions {position}..{position + T - 1}", P)
+        cache.advance(T)
+
+    @staticmethod
+    def _mask(keep: np.ndarray | None, columns: int) -> np.ndarray | None:
+        """The key mask as contiguous bytes (the caller holds it through the C call)."""
+        if keep is None:
+            return None
+        keep = np.ascontiguousarray(keep.reshape(-1), dtype=np.bool_)
+        if keep.shape[0] != columns:
+            raise ValueError(f"mask has {keep.shape[0]} columns for {columns} positions")
+        return keep
+
+    @staticmethod
+    def _check(rc: int, what: str, P: int) -> None:
         if rc == -2:
-            raise IndexError(f"token {token} or position {position} outside the model's tables, or cache full "
-                             f"at {P}")
+            raise IndexError(f"{what} outside the model's tables, or the cache full at {P}")
         if rc:
             raise MemoryError("native decode step: out of memory for its scratch rows")
-        cache.advance(1)
 
 
 class _Unsupported(Exception):

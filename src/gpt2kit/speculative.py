@@ -113,6 +113,7 @@ class SpeculativeStream(TokenStream):
         self.positions = (self.out_mask.long().cumsum(-1) - 1).clamp(min=0)
         self.committed = T  # columns of self.out that are final (yielded or waiting to be)
         self.rounds = self.proposed = self.accepted = 0
+        self._prefilled = False
 
     @property
     def acceptance_rate(self) -> float:
@@ -153,7 +154,7 @@ class SpeculativeStream(TokenStream):
         """Feed the draft every column up to `col` (inclusive) it has not seen; its logits for col + 1."""
         cache = self.draft_cache
         if self._draft_verifier is not None and self._fast_rows(self.draft, col + 1 - cache.length):
-            return self._draft_verifier(self.out[:, cache.length : col + 1], cache)[:, -1].float()
+            return self._draft_verifier(self.out[:, cache.length : col + 1], cache, last_only=True)[:, -1].float()
         if col - cache.length > 0:  # more than one pending column: a (prefill) forward for all but the last
             mask = self.out_mask[:, :col] if self.padded else None
             with generation_prefill():
@@ -179,8 +180,23 @@ class SpeculativeStream(TokenStream):
         mask = self.out_mask[:, : cache.length + T] if self.padded else None
         return self.model(tokens, kv_cache=cache, attention_mask=mask).logits
 
+    def _first_token(self, end: int) -> None:
+        """The prompt's prefill through the target, whose last logits give the first token, as in plain
+        decoding: the same forward, so the cache and that token are plain decoding's own (greedy output is
+        then plain greedy output to the bit where the check runs the plain step's arithmetic,
+        gpt2kit.verify_fast). Rounds start after it; the draft catches up on its first proposal."""
+        mask = self.out_mask[:, :end] if self.padded else None
+        with generation_prefill():
+            logits = self.model(self.out[:, :end], kv_cache=self.cache, attention_mask=mask, last_only=True).logits[:, -1]
+        self.out[:, end] = greedy(logits.float()) if self.temperature == 0 else sample(torch.log(self._probs(logits)), self.generator)
+        self.committed = end + 1
+        self._prefilled = True
+
     def _round(self) -> None:
         end = self.committed  # out[:, :end] is final; column end - 1 is the last token
+        if not self._prefilled:
+            self._first_token(end)
+            return
         B = self.batch_size
         remaining = self.prompt_length + self.max_new_tokens - end
         k = max(0, min(self.draft_tokens, remaining - 1, self.n_ctx - 1 - end))
@@ -201,10 +217,6 @@ class SpeculativeStream(TokenStream):
 
         # 2. the target scores [last, d_1..d_k] in one forward over its cache
         cache = self.cache
-        if cache.length < end - 1:  # the prompt's prefill (all but the last token)
-            mask = self.out_mask[:, : end - 1] if self.padded else None
-            with generation_prefill():
-                self.model(self.out[:, cache.length : end - 1], kv_cache=cache, attention_mask=mask, last_only=True)
         logits = self._verify(self.out[:, end - 1 : end + k], cache)
         drafts = self.out[:, end : end + k]
 

@@ -10,6 +10,11 @@ rows: the same numpy views of the weights and cache buffers (nothing copied), ea
 decode_fast's small-batch product (or a quantized layer's kernel for T rows), and causal attention among
 the T new positions. Logits agree with model.forward to float32 rounding.
 
+Where the native decode step applies (gpt2kit.decode_native: the compiled kernels, float32 / int8 / int4
+block layers), the T positions run in one C call instead (`NativeStep.rows`): each weight is read once for
+the T rows and every row's logits are bitwise what single decode steps give, so speculative greedy output
+is plain greedy output to the bit. The numpy network below is the fallback.
+
 Used by gpt2kit.speculative where `FastVerifier.supports(model, T)`: what FastDecoder supports at
 batch T (CPU, float32 activations, eval mode, plain GPT-2 layers, T up to decode_fast's row limit)
 and one row; elsewhere model.forward.
@@ -26,7 +31,8 @@ from .decode_fast import FastDecoder, _gelu_tanh, _layer_norm, _Linear
 
 
 class FastVerifier:
-    """`verifier(tokens [1, T], cache) -> logits [1, T, V]`, writing the T positions into the cache."""
+    """`verifier(tokens [1, T], cache) -> logits [1, T, V]` ([1, 1, V], the last position's, with
+    last_only), writing the T positions into the cache."""
 
     @staticmethod
     def supports(model, tokens: int) -> bool:
@@ -41,6 +47,10 @@ class FastVerifier:
         # (decode_fast's 1-row gemv, in the draft's steps) left each pool's idle threads spinning on the
         # two cores the other needed: gpt2 + a 2-layer draft, K = 4, 30 tok/s vs 74 with BLAS on 1 thread
         self._native = native.f32_linear if native.library() is not None else None
+        from .decode_native import NativeStep
+
+        self._step = NativeStep.build(model)
+        self._logits = np.empty((0, model.config.vocab_size), np.float32)  # grown to the largest T asked
 
     def _project(self, p, x: np.ndarray, out: np.ndarray) -> np.ndarray:
         if type(p) is not _Linear:
@@ -51,7 +61,7 @@ class FastVerifier:
         torch.from_numpy(out).copy_(torch.nn.functional.linear(torch.from_numpy(x), p.w_t, p.b_t))
         return out
 
-    def __call__(self, tokens: torch.Tensor, cache) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, cache, last_only: bool = False) -> torch.Tensor:
         d = self.decoder
         if tokens.shape[0] != 1:
             raise ValueError(f"FastVerifier takes one row, got {tokens.shape[0]}")
@@ -60,6 +70,13 @@ class FastVerifier:
             from .errors import UserError
 
             raise UserError(f"KV cache is full: {P} positions + {T} new > max_len {cache.max_len}")
+        if self._step is not None:
+            if self._logits.shape[0] < T:
+                self._logits = np.empty((T, self._logits.shape[1]), np.float32)
+            out = self._logits[:1] if last_only else self._logits[:T]
+            self._step.rows(tokens.reshape(T).numpy(), P, cache, None, out[0] if last_only else out,
+                            all_logits=not last_only)
+            return torch.from_numpy(out)[None]  # a view of the buffer: valid until the next call
         layers, head = d._network(T)
         buf = d._scratch(T)
         keys, values = d._cache(cache)
@@ -94,4 +111,4 @@ class FastVerifier:
         h = _layer_norm(x, d.lnf_w, d.lnf_b, d.eps, buf["h"])
         logits = self._project(head, h, buf["logits"])
         # a view of the scratch buffer: valid until the next call, which is all the accept step needs
-        return torch.from_numpy(logits)[None]
+        return torch.from_numpy(logits[-1:] if last_only else logits)[None]

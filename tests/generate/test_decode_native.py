@@ -170,12 +170,84 @@ def test_every_isa_path_computes_the_same(tmp_path, flags, run_python, monkeypat
             "import pytest; mp = pytest.MonkeyPatch();"
             "from gpt2kit.model import native; print(json.dumps([native.status(), native.f32_status(),"
             " t._steps(t._model(), True, 'native', mp)[0].tolist(),"
-            " t._steps(t._quantized(4), False, 'native', mp)[0].tolist(), t._steps(t._quantized(8), False, 'native', mp)[0].tolist()]))"
+            " t._steps(t._quantized(4), False, 'native', mp)[0].tolist(), t._steps(t._quantized(8), False, 'native', mp)[0].tolist(),"
+            " all((lambda r: (r[0][0] == r[1][0]).all())(t._rows_and_steps(m, T, True)) for m in (t._model(), t._quantized(4))"
+            " for T in (3, 5))]))"
             % str(__import__("pathlib").Path(__file__).parent))
-    isa, f32_isa, *logits = json.loads(run_python(code, GPT2KIT_CACHE=str(tmp_path), GPT2KIT_NATIVE_CFLAGS=flags))
+    isa, f32_isa, *logits, rows_exact = json.loads(run_python(code, GPT2KIT_CACHE=str(tmp_path), GPT2KIT_NATIVE_CFLAGS=flags))
     assert "avx512" not in isa + f32_isa
+    assert rows_exact is True  # T rows in one call are the single steps, bitwise, on this ISA path too
     f32, q4, q8 = (torch.tensor(v) for v in logits)
     torch.testing.assert_close(f32, _steps(_model(), True, "forward")[0], rtol=0, atol=2e-5)
     for bits, got in ((4, q4), (8, q8)):
         ref = _steps(_quantized(bits), False, "forward")[0]
         assert (got - ref).abs().max() <= QUANT_TOLERANCE * ref.abs().max()
+
+
+def _rows_and_steps(model, T: int, padded: bool):
+    """Logits and caches of T new tokens after a 9-token prefill: one NativeStep.rows call, and T single steps."""
+    import numpy as np
+
+    step = NativeStep.build(model)
+    g = torch.Generator().manual_seed(2)
+    idx = torch.randint(0, 500, (1, 9), generator=g)
+    toks = torch.randint(0, 500, (T,), generator=g).numpy()
+    keep = np.ones(9 + T, bool)
+    if padded:
+        keep[:3] = False
+    pos0 = 6 if padded else 9
+    results = []
+    for how in ("rows", "steps"):
+        cache = KVCache.allocate(model.config, 1, 20)
+        with torch.inference_mode():
+            model(idx, kv_cache=cache)
+        logits = np.zeros((T, 500), np.float32)
+        if how == "rows":
+            step.rows(toks, pos0, cache, keep if padded else None, logits)
+        else:
+            for j in range(T):
+                step(int(toks[j]), pos0 + j, cache, keep[: 10 + j] if padded else None, logits[j])
+        results.append((logits, cache))
+    return results
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["float32", "int8", "int4"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_rows_are_bitwise_the_single_steps(kind, padded):
+    """T tokens in one call (speculative decoding's check) give what T steps give, to the bit: every T from
+    1 to 7 (float32 rows meet a weight row 4 or 2 at a time, so every remainder is covered)."""
+    import numpy as np
+
+    model = _model() if kind == "float32" else _quantized(8 if kind == "int8" else 4)
+    for T in range(1, 8):
+        (rows, rc), (steps, sc) = _rows_and_steps(model, T, padded)
+        assert np.array_equal(rows, steps), (T, np.abs(rows - steps).max())
+        assert rc.length == sc.length == 9 + T
+        for a, b in zip(rc.keys + rc.values, sc.keys + sc.values):
+            assert torch.equal(a, b)
+
+
+@needs_native
+def test_rows_can_return_the_last_logits_only_and_refuse_bad_input():
+    import numpy as np
+
+    model = _model()
+    (rows, _), _ = _rows_and_steps(model, 5, False)
+    step = NativeStep.build(model)
+    g = torch.Generator().manual_seed(2)  # the prompt and tokens _rows_and_steps draws
+    idx = torch.randint(0, 500, (1, 9), generator=g)
+    toks = torch.randint(0, 500, (5,), generator=g).numpy()
+    cache = KVCache.allocate(model.config, 1, 20)
+    with torch.inference_mode():
+        model(idx, kv_cache=cache)
+    last = np.zeros(500, np.float32)
+    step.rows(toks, 9, cache, None, last, all_logits=False)
+    assert np.array_equal(last, rows[-1]) and cache.length == 14
+    with pytest.raises(ValueError, match="logits must be"):
+        step.rows(toks[:2], 14, cache, None, np.zeros((3, 500), np.float32))
+    with pytest.raises(IndexError, match="positions 14..20"):
+        step.rows(np.arange(7), 14, cache, None, np.zeros((7, 500), np.float32))  # the cache holds 20
+    with pytest.raises(IndexError, match="tokens 1..500"):
+        step.rows(np.array([1, 500]), 14, cache, None, np.zeros((2, 500), np.float32))
+    assert cache.length == 14

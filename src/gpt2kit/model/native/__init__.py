@@ -137,6 +137,9 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.gpt2kit_decode_step.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
                                         ctypes.c_void_p, ctypes.c_int]
     lib.gpt2kit_decode_step.restype = ctypes.c_int
+    lib.gpt2kit_decode_rows.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    lib.gpt2kit_decode_rows.restype = ctypes.c_int
     return lib, ""
 
 

@@ -8,6 +8,11 @@
  * row-wide work (layer norm, quantizing an activation) runs on one thread, and a barrier separates the
  * phases. Residual adds and GELU are fused into the products that feed them.
  *
+ * gpt2kit_decode_rows runs T new tokens of one sequence the same way (speculative decoding's check, a
+ * draft's catch-up): each weight row is read once for all T activation rows, and every output is computed
+ * with exactly the arithmetic of the one-row step (the same accumulators in the same order, the same
+ * attention code over the positions that token sees), so its logits are bitwise those of T single steps.
+ *
  * Projections are float32 [rows, cols] (nn.Linear's layout), int4 in gemv.c's blocks, or int8 per row
  * (gemv_int8.c); a quantized product multiplies a per-block int8 copy of its activation, as gemv.c and
  * gemv_int8.c do on their own, so a layer gives what its own kernel gives up to float rounding.
@@ -27,6 +32,14 @@
 
 
 enum { GK_F32 = 0, GK_INT4 = 1, GK_INT8 = 2 };
+
+/* Activation rows a float32 weight row meets per pass in gpt2kit_decode_rows: 4 x 4 accumulators and 4
+ * weight vectors fit AVX-512's 32 registers; AVX2 has 16, so 2 rows there. */
+#if defined(__AVX512F__)
+#define F32_GROUP 4
+#else
+#define F32_GROUP 2
+#endif
 
 typedef struct {
     int kind, rows, cols;
@@ -153,6 +166,71 @@ static float f32_row_dot(const float *w, const float *x, int n) {
     return s;
 }
 
+/* out[i] = f32_row_dot(w, x[i], n) for i < M, bitwise: each activation row keeps f32_row_dot's own
+ * accumulators, fed in the same order, and the same final sum; the weight's vectors are loaded once for
+ * all M rows. M is a constant at each call site (the accumulators stay in registers). */
+static inline __attribute__((always_inline)) void f32_rows_dot(const float *w, const float *const *x, int n,
+                                                                float *out, const int M) {
+    int k = 0;
+    float s[F32_GROUP];
+#if defined(__AVX512F__)
+    __m512 a[F32_GROUP][4];
+#pragma GCC unroll 8
+    for (int i = 0; i < M; i++) a[i][0] = a[i][1] = a[i][2] = a[i][3] = _mm512_setzero_ps();
+    for (; k + 64 <= n; k += 64) {
+        const __m512 w0 = _mm512_loadu_ps(w + k), w1 = _mm512_loadu_ps(w + k + 16);
+        const __m512 w2 = _mm512_loadu_ps(w + k + 32), w3 = _mm512_loadu_ps(w + k + 48);
+#pragma GCC unroll 8
+        for (int i = 0; i < M; i++) {
+            a[i][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x[i] + k), a[i][0]);
+            a[i][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x[i] + k + 16), a[i][1]);
+            a[i][2] = _mm512_fmadd_ps(w2, _mm512_loadu_ps(x[i] + k + 32), a[i][2]);
+            a[i][3] = _mm512_fmadd_ps(w3, _mm512_loadu_ps(x[i] + k + 48), a[i][3]);
+        }
+    }
+    for (; k + 16 <= n; k += 16) {
+        const __m512 w0 = _mm512_loadu_ps(w + k);
+#pragma GCC unroll 8
+        for (int i = 0; i < M; i++) a[i][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x[i] + k), a[i][0]);
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < M; i++)
+        s[i] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[i][0], a[i][1]), _mm512_add_ps(a[i][2], a[i][3])));
+#elif defined(__AVX2__) && defined(__FMA__)
+    __m256 a[F32_GROUP][4];
+#pragma GCC unroll 8
+    for (int i = 0; i < M; i++) a[i][0] = a[i][1] = a[i][2] = a[i][3] = _mm256_setzero_ps();
+    for (; k + 32 <= n; k += 32) {
+        const __m256 w0 = _mm256_loadu_ps(w + k), w1 = _mm256_loadu_ps(w + k + 8);
+        const __m256 w2 = _mm256_loadu_ps(w + k + 16), w3 = _mm256_loadu_ps(w + k + 24);
+#pragma GCC unroll 8
+        for (int i = 0; i < M; i++) {
+            a[i][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x[i] + k), a[i][0]);
+            a[i][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x[i] + k + 8), a[i][1]);
+            a[i][2] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(x[i] + k + 16), a[i][2]);
+            a[i][3] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(x[i] + k + 24), a[i][3]);
+        }
+    }
+    for (; k + 8 <= n; k += 8) {
+        const __m256 w0 = _mm256_loadu_ps(w + k);
+#pragma GCC unroll 8
+        for (int i = 0; i < M; i++) a[i][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x[i] + k), a[i][0]);
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < M; i++)
+        s[i] = gk_hsum8(_mm256_add_ps(_mm256_add_ps(a[i][0], a[i][1]), _mm256_add_ps(a[i][2], a[i][3])));
+#else
+#pragma GCC unroll 8
+    for (int i = 0; i < M; i++) s[i] = 0.0f;
+#endif
+#pragma GCC unroll 8
+    for (int i = 0; i < M; i++) {
+        float v = s[i];
+        for (int kk = k; kk < n; kk++) v += w[kk] * x[i][kk];
+        out[i] = v;
+    }
+}
+
 static size_t row_bytes(const gk_proj *p) {
     switch (p->kind) {
     case GK_INT4: return (size_t)(p->cols / 32) * 20;
@@ -163,12 +241,19 @@ static size_t row_bytes(const gk_proj *p) {
 
 enum { SET = 0, ADD = 1, SET_GELU = 2 };
 
-/* This thread's share of y = W a + b (SET), y += W a + b (ADD), y = gelu(W a + b) (SET_GELU). Rows
- * [r0, r1) are read as n->streams side-by-side streams, each prefetched ahead where asked. Which helps
- * depends on the CPU: on a Xeon VM two streams and 8 KB ahead took int4 rows from 12.9 to 21.5 GB/s
+static inline void put(float *y, int r, float v, const float *bias, int mode) {
+    if (bias) v += bias[r];
+    if (mode == ADD) y[r] += v;
+    else y[r] = v;
+}
+
+/* This thread's share of y = W a + b (SET), y += W a + b (ADD), y = gelu(W a + b) (SET_GELU) for T
+ * activation rows a[0..T) into y + j * ldy. Rows [r0, r1) of W are read once, as n->streams side-by-side
+ * streams, each prefetched ahead where asked, and meet all T activation rows while in L1. Which reading
+ * helps depends on the CPU: on a Xeon VM two streams and 8 KB ahead took int4 rows from 12.9 to 21.5 GB/s
  * (gemv.c); on a Zen 5 EPYC one stream with no software prefetch read float32 rows 13% faster. */
-static void product(const gk_net *n, const gk_proj *p, const gk_act *a, float *y, int mode, int t, int nt,
-                    float *sc) {
+static void product(const gk_net *n, const gk_proj *p, const gk_act *a, int T, float *y, int ldy, int mode,
+                    int t, int nt, float *sc) {
     const int r0 = (int)((long long)p->rows * t / nt), r1 = (int)((long long)p->rows * (t + 1) / nt);
     const size_t rb = row_bytes(p);
     const int streams = n->streams > 0 ? n->streams : 1;
@@ -176,6 +261,7 @@ static void product(const gk_net *n, const gk_proj *p, const gk_act *a, float *y
     const int part = (r1 - r0 + streams - 1) / streams;
     const uint8_t *base = (const uint8_t *)p->w;
     const int nb = p->cols / 32;
+    const float *xs[F32_GROUP];
     for (int i = 0; i < part; i++) {
         for (int k = 0; k < streams; k++) {
             const int r = r0 + i + k * part;
@@ -183,61 +269,84 @@ static void product(const gk_net *n, const gk_proj *p, const gk_act *a, float *y
             const uint8_t *row = base + (size_t)r * rb;
             if (ahead)
                 for (size_t off = 0; off < rb; off += 64) __builtin_prefetch(row + ahead + off, 0, 1);
-            float v;
             if (p->kind == GK_INT4) {
-                v = gk_int4_row_dot(row, nb, a->xq, a->xp, a->x4, a->xs, a->xsum, sc);
+                for (int j = 0; j < T; j++)
+                    put(y + (size_t)j * ldy, r, gk_int4_row_dot(row, nb, a[j].xq, a[j].xp, a[j].x4, a[j].xs, a[j].xsum, sc),
+                        p->bias, mode);
             } else if (p->kind == GK_INT8) {
-                v = p->scale[r] * (gk_int8_row_dot((const int8_t *)row, p->cols, a->xq, a->xs, a->xs8)
-                                   - (float)p->zero[r] * a->zsum);
+                for (int j = 0; j < T; j++)
+                    put(y + (size_t)j * ldy, r,
+                        p->scale[r] * (gk_int8_row_dot((const int8_t *)row, p->cols, a[j].xq, a[j].xs, a[j].xs8)
+                                       - (float)p->zero[r] * a[j].zsum),
+                        p->bias, mode);
+            } else if (T == 1) {
+                put(y, r, f32_row_dot((const float *)row, a[0].x, p->cols), p->bias, mode);
             } else {
-                v = f32_row_dot((const float *)row, a->x, p->cols);
+                for (int j0 = 0; j0 < T; j0 += F32_GROUP) {
+                    const int m = T - j0 < F32_GROUP ? T - j0 : F32_GROUP;
+                    float v[F32_GROUP];
+                    for (int j = 0; j < m; j++) xs[j] = a[j0 + j].x;
+                    switch (m) {
+#if F32_GROUP >= 4
+                    case 4: f32_rows_dot((const float *)row, xs, p->cols, v, 4); break;
+                    case 3: f32_rows_dot((const float *)row, xs, p->cols, v, 3); break;
+#endif
+                    case 2: f32_rows_dot((const float *)row, xs, p->cols, v, 2); break;
+                    default: f32_rows_dot((const float *)row, xs, p->cols, v, 1); break;
+                    }
+                    for (int j = 0; j < m; j++) put(y + (size_t)(j0 + j) * ldy, r, v[j], p->bias, mode);
+                }
             }
-            if (p->bias) v += p->bias[r];
-            if (mode == ADD) y[r] += v;
-            else y[r] = v;
         }
     }
-    if (mode == SET_GELU) gelu(y + r0, r1 - r0);
+    if (mode == SET_GELU)
+        for (int j = 0; j < T; j++) gelu(y + (size_t)j * ldy + r0, r1 - r0);
 }
 
-/* softmax(q K^T * scale) V for this thread's heads over positions [0, T); the new key and value (in qkv)
- * are written to the cache at position T - 1 first. keep: [T] bytes, 0 = masked, or NULL. */
-static void attention(const gk_net *n, const gk_layer *L, const float *qkv, int T, const uint8_t *keep,
+/* softmax(q K^T * scale) V for this thread's heads and the T new rows (cache positions P .. P + T - 1):
+ * their keys and values (in qkv [T, 3C]) are written to the cache first, then row j attends to positions
+ * [0, P + j] with the one-row step's own arithmetic. keep: [P + T] bytes, 0 = masked, or NULL. */
+static void attention(const gk_net *n, const gk_layer *L, const float *qkv, int P, int T, const uint8_t *keep,
                       float *out, float *p, int t, int nt) {
     const int H = n->n_head, D = n->head_dim, C = H * D;
     const float scale = 1.0f / sqrtf((float)D);
     for (int h = H * t / nt; h < H * (t + 1) / nt; h++) {
         float *kb = L->k + h * n->sh, *vb = L->v + h * n->sh;
-        memcpy(kb + (size_t)(T - 1) * n->st, qkv + C + h * D, sizeof(float) * (size_t)D);
-        memcpy(vb + (size_t)(T - 1) * n->st, qkv + 2 * C + h * D, sizeof(float) * (size_t)D);
-        const float *q = qkv + h * D;
-        float m = -INFINITY;
         for (int j = 0; j < T; j++) {
-            const float *kr = kb + (size_t)j * n->st;
-            float s = 0.0f;
+            memcpy(kb + (size_t)(P + j) * n->st, qkv + (size_t)j * 3 * C + C + h * D, sizeof(float) * (size_t)D);
+            memcpy(vb + (size_t)(P + j) * n->st, qkv + (size_t)j * 3 * C + 2 * C + h * D, sizeof(float) * (size_t)D);
+        }
+        for (int row = 0; row < T; row++) {
+            const int len = P + row + 1;
+            const float *q = qkv + (size_t)row * 3 * C + h * D;
+            float m = -INFINITY;
+            for (int j = 0; j < len; j++) {
+                const float *kr = kb + (size_t)j * n->st;
+                float s = 0.0f;
 #pragma omp simd reduction(+ : s)
-            for (int d = 0; d < D; d++) s += q[d] * kr[d];
-            s *= scale;
-            if (keep && !keep[j]) s = -INFINITY;
-            p[j] = s;
-            if (s > m) m = s;
-        }
-        float sum = 0.0f;
+                for (int d = 0; d < D; d++) s += q[d] * kr[d];
+                s *= scale;
+                if (keep && !keep[j]) s = -INFINITY;
+                p[j] = s;
+                if (s > m) m = s;
+            }
+            float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-        for (int j = 0; j < T; j++) {
-            const float e = p[j] == -INFINITY ? 0.0f : exp_fast(p[j] - m);
-            p[j] = e;
-            sum += e;
-        }
-        const float inv = 1.0f / sum;
-        float *o = out + h * D;
-        for (int d = 0; d < D; d++) o[d] = 0.0f;
-        for (int j = 0; j < T; j++) {
-            const float w = p[j] * inv;
-            if (w == 0.0f) continue;
-            const float *vr = vb + (size_t)j * n->st;
+            for (int j = 0; j < len; j++) {
+                const float e = p[j] == -INFINITY ? 0.0f : exp_fast(p[j] - m);
+                p[j] = e;
+                sum += e;
+            }
+            const float inv = 1.0f / sum;
+            float *o = out + (size_t)row * C + h * D;
+            for (int d = 0; d < D; d++) o[d] = 0.0f;
+            for (int j = 0; j < len; j++) {
+                const float w = p[j] * inv;
+                if (w == 0.0f) continue;
+                const float *vr = vb + (size_t)j * n->st;
 #pragma omp simd
-            for (int d = 0; d < D; d++) o[d] += w * vr[d];
+                for (int d = 0; d < D; d++) o[d] += w * vr[d];
+            }
         }
     }
 }
@@ -278,32 +387,40 @@ static void make_act(gk_act *a, const float *x, int8_t *q, float *f, int cols) {
     a->zsum = 0.0f;
 }
 
-/* The token `token` at position `position` (its wpe row); P = the cache's length before this step (the
- * new key and value go there), keep [P + 1] bytes or NULL; logits [vocab]. 0; -1 when out of memory; -2
- * for a token or position outside its table. */
-int gpt2kit_decode_step(const gk_net *n, int token, int position, int P, const uint8_t *keep, float *logits,
-                        int threads) {
-    const int C = n->n_head * n->head_dim, F = n->layers[0].fc.rows, T = P + 1;
+/* T tokens of one sequence, tokens[j] at position `position + j` (its wpe row) and cache position P + j;
+ * P = the cache's length before the call, keep [P + T] bytes or NULL; logits [T, vocab] when all_logits,
+ * else the last token's [vocab]. 0; -1 when out of memory; -2 for a token or position outside its table
+ * or a cache too short. */
+int gpt2kit_decode_rows(const gk_net *n, const int *tokens, int T, int position, int P, const uint8_t *keep,
+                        float *logits, int all_logits, int threads) {
+    const int C = n->n_head * n->head_dim, F = n->layers[0].fc.rows, V = n->head.rows;
     if (threads < 1) threads = 1;
-    if (token < 0 || token >= n->wte.rows || position < 0 || position >= n->wpe.rows || P < 0 || P >= n->max_len)
-        return -2;
-    const size_t big = (size_t)(F > 3 * C ? F : 3 * C);
-    /* floats: h [C], qkv [3C], att [C], f [F]; activation blocks for a C row and an F row */
-    float *fbuf = (float *)calloc(6 * (size_t)C + big + 10 * (size_t)(C / 32) + 10 * (size_t)(F / 32), sizeof(float));
-    int8_t *qbuf = (int8_t *)malloc(3 * (size_t)C + 3 * (size_t)F);
-    if (!fbuf || !qbuf) {
+    if (T < 1 || position < 0 || position + T > n->wpe.rows || P < 0 || P + T > n->max_len) return -2;
+    for (int j = 0; j < T; j++)
+        if (tokens[j] < 0 || tokens[j] >= n->wte.rows) return -2;
+    const size_t big = (size_t)(F > 3 * C ? F : 3 * C), nC = (size_t)(C / 32), nF = (size_t)(F / 32);
+    /* per row, floats: h [C], qkv [3C], att [C], f [F], x [C]; activation blocks for a C row and an F row */
+    float *fbuf = (float *)calloc((size_t)T * (6 * (size_t)C + big + 10 * nC + 10 * nF), sizeof(float));
+    int8_t *qbuf = (int8_t *)malloc((size_t)T * (3 * (size_t)C + 3 * (size_t)F));
+    gk_act *acts = (gk_act *)malloc(3 * (size_t)T * sizeof(gk_act));
+    if (!fbuf || !qbuf || !acts) {
         free(fbuf);
         free(qbuf);
+        free(acts);
         return -1;
     }
-    float *h = fbuf, *qkv = h + C, *att = qkv + 3 * C, *f = att + C;
-    float *fc_blocks = f + big, *cf_blocks = fc_blocks + 10 * (F / 32), *x = cf_blocks + 10 * (C / 32);
-    add_row(&n->wte, token, x); /* the residual stream: token + position embedding */
-    add_row(&n->wpe, position, x);
-    gk_act ah, aatt, af;
-    make_act(&ah, h, qbuf, cf_blocks, C);
-    make_act(&aatt, att, qbuf, cf_blocks, C); /* h and att are never quantized at the same time */
-    make_act(&af, f, qbuf + 3 * C, fc_blocks, F);
+    float *h = fbuf, *qkv = h + (size_t)T * C, *att = qkv + (size_t)T * 3 * C, *f = att + (size_t)T * C;
+    float *x = f + (size_t)T * big, *fc_blocks = x + (size_t)T * C, *cf_blocks = fc_blocks + (size_t)T * 10 * nF;
+    gk_act *ah = acts, *aatt = acts + T, *af = acts + 2 * T;
+    for (int j = 0; j < T; j++) {
+        add_row(&n->wte, tokens[j], x + (size_t)j * C); /* the residual stream: token + position embedding */
+        add_row(&n->wpe, position + j, x + (size_t)j * C);
+        int8_t *qc = qbuf + (size_t)j * 3 * C;
+        make_act(&ah[j], h + (size_t)j * C, qc, cf_blocks + (size_t)j * 10 * nC, C);
+        make_act(&aatt[j], att + (size_t)j * C, qc, cf_blocks + (size_t)j * 10 * nC, C); /* never quantized with h */
+        make_act(&af[j], f + (size_t)j * big, qbuf + (size_t)T * 3 * C + (size_t)j * 3 * F, fc_blocks + (size_t)j * 10 * nF, F);
+    }
+    const int ld_f = (int)big;
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
@@ -314,7 +431,7 @@ int gpt2kit_decode_step(const gk_net *n, int token, int position, int P, const u
 #endif
         const int wide = F > n->head.cols ? F : n->head.cols;
         float *sc = (float *)malloc(sizeof(float) * (size_t)(wide / 32 + 1));
-        float *p = (float *)malloc(sizeof(float) * (size_t)T);
+        float *p = (float *)malloc(sizeof(float) * (size_t)(P + T));
         if (!sc || !p) {
 #pragma omp atomic write
             failed = 1;
@@ -326,47 +443,55 @@ int gpt2kit_decode_step(const gk_net *n, int token, int position, int P, const u
         const int ok = !bad;
         for (int l = 0; ok && l < n->n_layer; l++) {
             const gk_layer *L = &n->layers[l];
-#pragma omp single
-            {
-                layer_norm(x, L->ln1_w, L->ln1_b, n->eps, C, h);
-                if (L->qkv.kind != GK_F32) quantize(&ah, C);
+#pragma omp for schedule(static)
+            for (int j = 0; j < T; j++) {
+                layer_norm(x + (size_t)j * C, L->ln1_w, L->ln1_b, n->eps, C, h + (size_t)j * C);
+                if (L->qkv.kind != GK_F32) quantize(&ah[j], C);
             }
-            product(n, &L->qkv, &ah, qkv, SET, t, nt, sc);
+            product(n, &L->qkv, ah, T, qkv, 3 * C, SET, t, nt, sc);
 #pragma omp barrier
-            attention(n, L, qkv, T, keep, att, p, t, nt);
+            attention(n, L, qkv, P, T, keep, att, p, t, nt);
 #pragma omp barrier
             if (L->proj.kind != GK_F32) {
-#pragma omp single
-                quantize(&aatt, C);
+#pragma omp for schedule(static)
+                for (int j = 0; j < T; j++) quantize(&aatt[j], C);
             }
-            product(n, &L->proj, &aatt, x, ADD, t, nt, sc);
+            product(n, &L->proj, aatt, T, x, C, ADD, t, nt, sc);
 #pragma omp barrier
-#pragma omp single
-            {
-                layer_norm(x, L->ln2_w, L->ln2_b, n->eps, C, h);
-                if (L->fc.kind != GK_F32) quantize(&ah, C);
+#pragma omp for schedule(static)
+            for (int j = 0; j < T; j++) {
+                layer_norm(x + (size_t)j * C, L->ln2_w, L->ln2_b, n->eps, C, h + (size_t)j * C);
+                if (L->fc.kind != GK_F32) quantize(&ah[j], C);
             }
-            product(n, &L->fc, &ah, f, SET_GELU, t, nt, sc);
+            product(n, &L->fc, ah, T, f, ld_f, SET_GELU, t, nt, sc);
 #pragma omp barrier
             if (L->out.kind != GK_F32) {
-#pragma omp single
-                quantize(&af, F);
+#pragma omp for schedule(static)
+                for (int j = 0; j < T; j++) quantize(&af[j], F);
             }
-            product(n, &L->out, &af, x, ADD, t, nt, sc);
+            product(n, &L->out, af, T, x, C, ADD, t, nt, sc);
 #pragma omp barrier
         }
         if (ok) {
-#pragma omp single
-            {
-                layer_norm(x, n->lnf_w, n->lnf_b, n->eps, C, h);
-                if (n->head.kind != GK_F32) quantize(&ah, C);
+            const int first = all_logits ? 0 : T - 1; /* the rows whose logits are wanted */
+#pragma omp for schedule(static)
+            for (int j = first; j < T; j++) {
+                layer_norm(x + (size_t)j * C, n->lnf_w, n->lnf_b, n->eps, C, h + (size_t)j * C);
+                if (n->head.kind != GK_F32) quantize(&ah[j], C);
             }
-            product(n, &n->head, &ah, logits, SET, t, nt, sc);
+            product(n, &n->head, ah + first, T - first, logits, V, SET, t, nt, sc);
         }
         free(sc);
         free(p);
     }
     free(fbuf);
     free(qbuf);
+    free(acts);
     return failed ? -1 : 0;
+}
+
+/* One token at `position` (its wpe row) into cache position P; keep [P + 1] bytes or NULL; logits [vocab]. */
+int gpt2kit_decode_step(const gk_net *n, int token, int position, int P, const uint8_t *keep, float *logits,
+                        int threads) {
+    return gpt2kit_decode_rows(n, &token, 1, position, P, keep, logits, 0, threads);
 }
