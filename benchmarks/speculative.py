@@ -31,6 +31,10 @@ def parse_args():
     p.add_argument("--prompts", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quantize-draft", type=int, choices=(4, 8), default=None,
+                   help="quantize the draft to int4 (group 32) or int8 per channel before timing")
+    p.add_argument("--quantize-target", type=int, choices=(4, 8), default=None,
+                   help="quantize the target too (plain decoding then times the quantized target)")
     return p.parse_args()
 
 
@@ -55,7 +59,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from gpt2kit.generate import generate
-    from gpt2kit.model import GPT2, GPT2Config
+    from gpt2kit.model import GPT2, GPT2Config, native
     from gpt2kit.post.quantize import QuantSpec, quantize_model
     from gpt2kit.speculative import speculative_stream
 
@@ -70,6 +74,10 @@ def main() -> None:
         draft = GPT2(target.config).eval()
         draft.load_state_dict(target.state_dict())
         quantize_model(draft, QuantSpec.default(4, group_size=32))
+    for model, bits in ((draft, args.quantize_draft), (target, args.quantize_target)):
+        if bits:
+            quantize_model(model, QuantSpec.default(4, group_size=32) if bits == 4 else QuantSpec.default(8))
+            model.eval()
     prompts = prompts_for(args.prompts, target.config.vocab_size)
     N = args.new_tokens
 
@@ -107,8 +115,11 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
                    f"capability {torch.backends.cpu.get_cpu_capability()}",
+        "cpu_flags": " ".join(f for f in native._cpu_flags().split() if f.startswith(("avx", "amx", "fma", "f16c"))),
+        "native_isa": native.status(),
         "setup": {"target": args.target or "random gpt2-preset weights",
                   "draft": args.draft or "the target quantized to int4 g32 (self-draft)",
+                  "quantize_draft": args.quantize_draft, "quantize_target": args.quantize_target,
                   "draft_tokens": args.draft_tokens, "adaptive": args.adaptive, "new_tokens": N,
                   "prompts": len(prompts), "rounds": args.rounds, "threads": args.threads, "decoding": "greedy"},
         "load_avg_1m_rounds": [round(x, 2) for x in loads],
