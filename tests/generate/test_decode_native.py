@@ -166,14 +166,14 @@ def test_every_isa_path_computes_the_same(tmp_path, flags, run_python, monkeypat
     """AVX2 (+ AVX-VNNI or not) and portable C builds of the step, on this CPU with newer instructions off."""
     if "avx2" not in native._cpu_flags().split():
         pytest.skip("this CPU has no AVX2")
-    code = ("import json, torch, sys; sys.path.insert(0, %r); import test_decode_native as t;"
+    here = str(__import__("pathlib").Path(__file__).parent)
+    code = (f"import json, torch, sys; sys.path.insert(0, {here!r}); import test_decode_native as t;"
             "import pytest; mp = pytest.MonkeyPatch();"
             "from gpt2kit.model import native; print(json.dumps([native.status(), native.f32_status(),"
             " t._steps(t._model(), True, 'native', mp)[0].tolist(),"
             " t._steps(t._quantized(4), False, 'native', mp)[0].tolist(), t._steps(t._quantized(8), False, 'native', mp)[0].tolist(),"
             " all((lambda r: (r[0][0] == r[1][0]).all())(t._rows_and_steps(m, T, True)) for m in (t._model(), t._quantized(4))"
-            " for T in (3, 5))]))"
-            % str(__import__("pathlib").Path(__file__).parent))
+            " for T in (3, 5))]))")
     isa, f32_isa, *logits, rows_exact = json.loads(run_python(code, GPT2KIT_CACHE=str(tmp_path), GPT2KIT_NATIVE_CFLAGS=flags))
     assert "avx512" not in isa + f32_isa
     assert rows_exact is True  # T rows in one call are the single steps, bitwise, on this ISA path too

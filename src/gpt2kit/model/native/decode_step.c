@@ -140,87 +140,56 @@ static void quantize(gk_act *a, int cols) {
 
 /* ----- products ---------------------------------------------------------------------------------------- */
 
-static float f32_row_dot(const float *w, const float *x, int n) {
-    int k = 0;
-    float s = 0.0f;
+/* One vector of float32 lanes, for the row dots below: 16 on AVX-512, 8 on AVX2 + FMA. */
 #if defined(__AVX512F__)
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-    for (; k + 64 <= n; k += 64) {
-        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + k), a0);
-        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 16), _mm512_loadu_ps(x + k + 16), a1);
-        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 32), _mm512_loadu_ps(x + k + 32), a2);
-        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 48), _mm512_loadu_ps(x + k + 48), a3);
-    }
-    for (; k + 16 <= n; k += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + k), a0);
-    s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+typedef __m512 gk_vec;
+#define GK_LANES 16
+#define GK_ZERO() _mm512_setzero_ps()
+#define GK_LOAD(p) _mm512_loadu_ps(p)
+#define GK_FMA(a, b, c) _mm512_fmadd_ps((a), (b), (c))
+#define GK_ADD(a, b) _mm512_add_ps((a), (b))
+#define GK_SUM(v) _mm512_reduce_add_ps(v)
 #elif defined(__AVX2__) && defined(__FMA__)
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-    for (; k + 32 <= n; k += 32) {
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 16), _mm256_loadu_ps(x + k + 16), a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 24), _mm256_loadu_ps(x + k + 24), a3);
-    }
-    for (; k + 8 <= n; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
-    s = gk_hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+typedef __m256 gk_vec;
+#define GK_LANES 8
+#define GK_ZERO() _mm256_setzero_ps()
+#define GK_LOAD(p) _mm256_loadu_ps(p)
+#define GK_FMA(a, b, c) _mm256_fmadd_ps((a), (b), (c))
+#define GK_ADD(a, b) _mm256_add_ps((a), (b))
+#define GK_SUM(v) gk_hsum8(v)
 #endif
-    for (; k < n; k++) s += w[k] * x[k];
-    return s;
-}
 
-/* out[i] = f32_row_dot(w, x[i], n) for i < M, bitwise: each activation row keeps f32_row_dot's own
- * accumulators, fed in the same order, and the same final sum; the weight's vectors are loaded once for
- * all M rows. M is a constant at each call site (the accumulators stay in registers). */
+/* out[i] = w . x[i] over n floats for i < M: four accumulators per output, fed 4 * GK_LANES floats a step,
+ * then one vector at a time, summed in a fixed tree, then a scalar tail. The weight's vectors are loaded
+ * once for all M rows, and each output's arithmetic does not depend on M: the one-row step (M = 1) and
+ * gpt2kit_decode_rows give the same bits. M is a constant at each call site (the accumulators stay in
+ * registers). */
 static inline __attribute__((always_inline)) void f32_rows_dot(const float *w, const float *const *x, int n,
                                                                 float *out, const int M) {
     int k = 0;
     float s[F32_GROUP];
-#if defined(__AVX512F__)
-    __m512 a[F32_GROUP][4];
+#ifdef GK_LANES
+    gk_vec a[F32_GROUP][4];
 #pragma GCC unroll 8
-    for (int i = 0; i < M; i++) a[i][0] = a[i][1] = a[i][2] = a[i][3] = _mm512_setzero_ps();
-    for (; k + 64 <= n; k += 64) {
-        const __m512 w0 = _mm512_loadu_ps(w + k), w1 = _mm512_loadu_ps(w + k + 16);
-        const __m512 w2 = _mm512_loadu_ps(w + k + 32), w3 = _mm512_loadu_ps(w + k + 48);
-#pragma GCC unroll 8
-        for (int i = 0; i < M; i++) {
-            a[i][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x[i] + k), a[i][0]);
-            a[i][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x[i] + k + 16), a[i][1]);
-            a[i][2] = _mm512_fmadd_ps(w2, _mm512_loadu_ps(x[i] + k + 32), a[i][2]);
-            a[i][3] = _mm512_fmadd_ps(w3, _mm512_loadu_ps(x[i] + k + 48), a[i][3]);
-        }
-    }
-    for (; k + 16 <= n; k += 16) {
-        const __m512 w0 = _mm512_loadu_ps(w + k);
-#pragma GCC unroll 8
-        for (int i = 0; i < M; i++) a[i][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x[i] + k), a[i][0]);
-    }
-#pragma GCC unroll 8
-    for (int i = 0; i < M; i++)
-        s[i] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[i][0], a[i][1]), _mm512_add_ps(a[i][2], a[i][3])));
-#elif defined(__AVX2__) && defined(__FMA__)
-    __m256 a[F32_GROUP][4];
-#pragma GCC unroll 8
-    for (int i = 0; i < M; i++) a[i][0] = a[i][1] = a[i][2] = a[i][3] = _mm256_setzero_ps();
-    for (; k + 32 <= n; k += 32) {
-        const __m256 w0 = _mm256_loadu_ps(w + k), w1 = _mm256_loadu_ps(w + k + 8);
-        const __m256 w2 = _mm256_loadu_ps(w + k + 16), w3 = _mm256_loadu_ps(w + k + 24);
+    for (int i = 0; i < M; i++) a[i][0] = a[i][1] = a[i][2] = a[i][3] = GK_ZERO();
+    for (; k + 4 * GK_LANES <= n; k += 4 * GK_LANES) {
+        const gk_vec w0 = GK_LOAD(w + k), w1 = GK_LOAD(w + k + GK_LANES);
+        const gk_vec w2 = GK_LOAD(w + k + 2 * GK_LANES), w3 = GK_LOAD(w + k + 3 * GK_LANES);
 #pragma GCC unroll 8
         for (int i = 0; i < M; i++) {
-            a[i][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x[i] + k), a[i][0]);
-            a[i][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x[i] + k + 8), a[i][1]);
-            a[i][2] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(x[i] + k + 16), a[i][2]);
-            a[i][3] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(x[i] + k + 24), a[i][3]);
+            a[i][0] = GK_FMA(w0, GK_LOAD(x[i] + k), a[i][0]);
+            a[i][1] = GK_FMA(w1, GK_LOAD(x[i] + k + GK_LANES), a[i][1]);
+            a[i][2] = GK_FMA(w2, GK_LOAD(x[i] + k + 2 * GK_LANES), a[i][2]);
+            a[i][3] = GK_FMA(w3, GK_LOAD(x[i] + k + 3 * GK_LANES), a[i][3]);
         }
     }
-    for (; k + 8 <= n; k += 8) {
-        const __m256 w0 = _mm256_loadu_ps(w + k);
+    for (; k + GK_LANES <= n; k += GK_LANES) {
+        const gk_vec w0 = GK_LOAD(w + k);
 #pragma GCC unroll 8
-        for (int i = 0; i < M; i++) a[i][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x[i] + k), a[i][0]);
+        for (int i = 0; i < M; i++) a[i][0] = GK_FMA(w0, GK_LOAD(x[i] + k), a[i][0]);
     }
 #pragma GCC unroll 8
-    for (int i = 0; i < M; i++)
-        s[i] = gk_hsum8(_mm256_add_ps(_mm256_add_ps(a[i][0], a[i][1]), _mm256_add_ps(a[i][2], a[i][3])));
+    for (int i = 0; i < M; i++) s[i] = GK_SUM(GK_ADD(GK_ADD(a[i][0], a[i][1]), GK_ADD(a[i][2], a[i][3])));
 #else
 #pragma GCC unroll 8
     for (int i = 0; i < M; i++) s[i] = 0.0f;
@@ -231,6 +200,12 @@ static inline __attribute__((always_inline)) void f32_rows_dot(const float *w, c
         for (int kk = k; kk < n; kk++) v += w[kk] * x[i][kk];
         out[i] = v;
     }
+}
+
+static inline float f32_row_dot(const float *w, const float *x, int n) {
+    float v;
+    f32_rows_dot(w, &x, n, &v, 1);
+    return v;
 }
 
 static size_t row_bytes(const gk_proj *p) {
