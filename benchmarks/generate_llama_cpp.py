@@ -165,10 +165,10 @@ def run(args) -> dict:
             return (NEW - 1) / ((t2 - t1) - (t1 - t0))  # new tokens after the first, per second
 
         from gpt2kit.model import native
-        from gpt2kit.model.quantized import generation_prefill, quant_prefill_dtype
+        from gpt2kit.model.quantized import generation_prefill, quant_prefill_mode
 
         def ours_prefill(m) -> float:
-            # a prompt's forward as generation runs it (quantized products in bf16 where the CPU has bf16 dots)
+            # a prompt's forward as generation runs it (quantized products in bf16 / 8 bits: quant_prefill_mode)
             with torch.inference_mode(), generation_prefill():
                 t0 = time.perf_counter()
                 m(long_idx, last_only=True)
@@ -228,7 +228,7 @@ def run(args) -> dict:
                       "gguf": f"{paths['exporter']}, then llama-quantize q8_0 / q4_0",
                       "ours": "float32; int8 per channel; int4 group 32 (gpt2kit quantize)"},
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "quantized_prefill_dtype": str(quant_prefill_dtype()).removeprefix("torch."),
+            "quantized_prefill": quant_prefill_mode(),
             "native_isa": native.status(),
             "cpu_flags": " ".join(f for f in native._cpu_flags().split() if f.startswith(("avx", "amx", "fma", "f16c"))),
             "aten_cpu_capability_env": os.environ.get("ATEN_CPU_CAPABILITY"),

@@ -140,3 +140,71 @@ def test_int4_dequantize_is_bitwise_the_tensor_dequantization(rows, cols, group)
     fast = native.int4_dequantize(store.qweight, store.scales, store.zeros, cols, threads=2)
     assert torch.equal(fast, dequantize(unpack_int4(store.qweight), store.scales, store.zeros))
     assert torch.equal(store.dequantize(), fast)  # the store uses it on the CPU
+
+
+needs_gemm = pytest.mark.skipif(not native.int4_gemm_available(),
+                                reason=f"gpt2kit's int4 GEMM needs AVX2, FMA and F16C (native: {native.status()})")
+
+
+@needs_gemm
+# M: the 4-row tiles and the single-row tail; N: whole and partial groups of 8 columns; K: 1 to 24 blocks
+@pytest.mark.parametrize("M, N, K", [(1, 8, 32), (3, 77, 96), (4, 16, 768), (9, 13, 224), (130, 40, 3072)])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_int4_gemm_is_the_batch_1_arithmetic_row_by_row(M, N, K, threads):
+    store = _store(N, K, 32, seed=M + N)
+    blocks = native.pack_int4_blocks(store.qweight, store.scales, store.zeros, store.group_size)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
+    bias = torch.randn(N, generator=torch.Generator().manual_seed(2))
+    for b in (None, bias):
+        y = native.int4_gemm(blocks, x, b, N, K, threads)
+        assert y.shape == (M, N) and y.dtype == torch.float32
+        for r in range(M):
+            ref = _reference(store, x[r], b)
+            np.testing.assert_allclose(y[r].numpy(), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+@needs_gemm
+def test_int4_gemm_rows_do_not_depend_on_their_neighbours():
+    """A row's result is the same bits alone, in a tile of 4, or in the tail: a prompt's batch mates
+    never change it."""
+    store = _store(40, 256, 32, seed=5)
+    blocks = native.pack_int4_blocks(store.qweight, store.scales, store.zeros, store.group_size)
+    x = torch.randn(11, 256, generator=torch.Generator().manual_seed(6))
+    full = native.int4_gemm(blocks, x, None, 40, 256)
+    for r in range(11):
+        assert torch.equal(native.int4_gemm(blocks, x[r : r + 1], None, 40, 256)[0], full[r])
+    assert torch.equal(native.int4_gemm(blocks, x[3:9], None, 40, 256), full[3:9])
+
+
+@needs_native
+@pytest.mark.skipif(not native._arch_flags() or native._arch_flags()[0] != "-march=native", reason="x86-64 only")
+@pytest.mark.parametrize("flags, built", [("-mno-avx512f -mno-avxvnni", True), ("-mno-avx2", False)])
+def test_int4_gemm_on_an_avx2_build_and_without_avx2(tmp_path, flags, built, run_python):
+    """AVX2 alone computes the same bits as this CPU's build; without AVX2 the GEMM says it is not there,
+    and a generation prefill falls back to the float32 product."""
+    if "avx2" not in native._cpu_flags().split():
+        pytest.skip("this CPU has no AVX2")
+    here = str(__import__("pathlib").Path(__file__).parent)
+    code = (f"import json, sys, torch; sys.path.insert(0, {here!r}); import test_native_int4 as t;"
+            "from gpt2kit.model import native; from gpt2kit.model.quantized import quant_prefill_mode;"
+            "st = t._store(21, 96, 32, seed=4); b = native.pack_int4_blocks(st.qweight, st.scales, st.zeros, 32);"
+            "x = torch.randn(6, 96, generator=torch.Generator().manual_seed(7));"
+            "ok = native.int4_gemm_available();"
+            "print(json.dumps([ok, native.int4_gemm(b, x, None, 21, 96).numpy().view('int32').tolist() if ok else None,"
+            " quant_prefill_mode()]))")
+    import json
+
+    ok, bits, mode = json.loads(run_python(code, GPT2KIT_CACHE=str(tmp_path), GPT2KIT_NATIVE_CFLAGS=flags,
+                                           GPT2KIT_QUANT_PREFILL="auto"))
+    assert ok is built
+    if built:
+        st = _store(21, 96, 32, seed=4)
+        b = native.pack_int4_blocks(st.qweight, st.scales, st.zeros, 32)
+        x = torch.randn(6, 96, generator=torch.Generator().manual_seed(7))
+        assert np.array_equal(np.asarray(bits, np.int32), native.int4_gemm(b, x, None, 21, 96).numpy().view(np.int32))
+    else:
+        assert mode in ("bf16", "float32")  # never "int8" without the kernel
+        said = run_python("from gpt2kit.model import native; import torch\ntry:\n"
+                          "    native.int4_gemm(torch.zeros(1, 20, dtype=torch.uint8), torch.zeros(1, 32), None, 1, 32)\n"
+                          "except RuntimeError as e:\n    print(e)", GPT2KIT_CACHE=str(tmp_path), GPT2KIT_NATIVE_CFLAGS=flags)
+        assert "int4 GEMM unavailable" in said

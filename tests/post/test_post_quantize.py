@@ -280,7 +280,7 @@ def test_cli_bad_group_size_and_existing_output(tmp_path, trained, capsys):
 def test_generation_prefill_may_use_bf16_and_everything_else_stays_exact(bits, monkeypatch):
     """Inside generation_prefill() many-row quantized products run in bf16 where the CPU multiplies bf16
     natively (or when forced); outside it -- evaluation, scoring -- they are the exact float32 product."""
-    from gpt2kit.model.quantized import _QuantStore, generation_prefill, quant_prefill_dtype
+    from gpt2kit.model.quantized import _QuantStore, generation_prefill, quant_prefill_mode
 
     torch.manual_seed(0)
     w, b = torch.randn(96, 64) * 0.1, torch.randn(96)
@@ -304,7 +304,42 @@ def test_generation_prefill_may_use_bf16_and_everything_else_stays_exact(bits, m
     with generation_prefill():
         assert torch.equal(layer(xg), exact)  # autograd: the exact product it can differentiate
     monkeypatch.setenv("GPT2KIT_QUANT_PREFILL", "fast")
-    with pytest.raises(UserError, match="GPT2KIT_QUANT_PREFILL must be auto, bf16 or float32"):
-        quant_prefill_dtype()
+    with pytest.raises(UserError, match="GPT2KIT_QUANT_PREFILL must be one of auto, bf16, int8, float32"):
+        quant_prefill_mode()
     monkeypatch.setenv("GPT2KIT_QUANT_PREFILL", "auto")
-    assert quant_prefill_dtype() in (torch.bfloat16, torch.float32)
+    assert quant_prefill_mode() in ("bf16", "int8", "float32")
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("rows", [2, 33, 100])
+def test_generation_prefill_in_int8_multiplies_int4_weights_by_the_native_gemm(bits, rows, monkeypatch):
+    """GPT2KIT_QUANT_PREFILL=int8 (what a CPU with AVX2 and no bf16 dot products picks): an int4 weight's
+    prompt rows go through gemm_int4.c, activations in 8 bits, as close to the exact product as the batch-1
+    kernel is; int8 weights keep their usual product; outside a prefill nothing changes."""
+    from gpt2kit.model import native
+    from gpt2kit.model.quantized import _QuantStore, generation_prefill
+
+    if not native.int4_gemm_available():
+        pytest.skip(f"gpt2kit's int4 GEMM is not built here (needs AVX2; native: {native.status()})")
+    torch.manual_seed(0)
+    w, b = torch.randn(96, 64) * 0.1, torch.randn(96)
+    codes, scales, zeros = quantize_tensor(w, bits, 32 if bits == 4 else None)
+    layer = QuantLinear(_QuantStore(pack_int4(codes) if bits == 4 else codes, scales, zeros, bits, 64), b)
+    x = torch.randn(1, rows, 64)
+    exact = F.linear(x, layer.dequantize(), b)
+    monkeypatch.setenv("GPT2KIT_QUANT_PREFILL", "int8")
+    with torch.no_grad():
+        outside = layer(x)
+        with generation_prefill():
+            fast = layer(x)
+    assert fast.shape == exact.shape == (1, rows, 96)
+    if bits == 8:  # what it is outside a prefill: the small-batch kernel, or the exact product
+        assert torch.equal(fast, outside) and (rows <= 64 or torch.equal(fast, exact))
+        return
+    if rows > 64:
+        assert torch.equal(outside, exact)
+    kernel = layer.small_batch_kernel(1)
+    assert torch.equal(fast, native.int4_gemm(kernel.blocks, x, kernel.bias, 96, 64).view(1, rows, 96))
+    assert (fast - exact).abs().max() < 2e-2 * exact.abs().max()
+    one = native.int4_gemv(kernel.blocks, x[0, :1], kernel.bias, 96, 64)  # the batch-1 kernel, same 8-bit rows
+    torch.testing.assert_close(fast[0, :1], one, rtol=0, atol=1e-4)

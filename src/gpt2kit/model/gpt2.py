@@ -51,6 +51,34 @@ def _attention_backends(device: torch.device, kv_cache: KVCache | None):
     return contextlib.nullcontext()
 
 
+# Causal attention of a CPU prompt in query chunks of 64 (inference only). For 192 <= T < 768 queries torch's
+# CPU flash kernel takes queries in blocks of 64 against one key block of up to 512 and masks inside it,
+# so a causal prompt costs as much as a full T x T one; one call per 64 queries against only the keys up
+# to its end does about half the work. gpt2 heads, 2 threads, per layer at T = 512: 5.73 -> 3.94 ms on a
+# Zen 5 with AVX-512, 8.89 -> 6.51 ms with AVX2; from T = 768 on torch's blocks skip masked keys
+# themselves and the chunks lose (docs/benchmarks.md). Same values up to rounding (~3e-7).
+_PREFILL_CHUNK = 64
+_PREFILL_CHUNKED = range(192, 768)
+
+
+def _chunk_causal_prefill(q: torch.Tensor, k: torch.Tensor, training: bool) -> bool:
+    T = q.shape[2]
+    return (T in _PREFILL_CHUNKED and k.shape[2] == T and q.device.type == "cpu" and not training
+            and not (torch.is_grad_enabled() and q.requires_grad) and not torch.compiler.is_compiling())
+
+
+def _causal_attention_in_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SDPA(q, k, v, is_causal=True) for q, k, v of one length T, one call per chunk of queries."""
+    T = q.shape[2]
+    # additive, as SDPA would turn a boolean mask into for every chunk
+    visible = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
+    out = []
+    for s in range(0, T, _PREFILL_CHUNK):
+        e = min(s + _PREFILL_CHUNK, T)
+        out.append(F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, :e], v[:, :, :e], attn_mask=visible[s:e, :e]))
+    return torch.cat(out, dim=2)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPT2Config):
         super().__init__()
@@ -84,12 +112,15 @@ class CausalSelfAttention(nn.Module):
             # the last query may see every key: no causal structure left, only the padding mask's row
             q, T, is_causal = q[:, :, -1:], 1, False
             attn_mask = None if attn_mask is None else attn_mask[..., -1:, :]
-        y = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=attn_mask,
-            dropout_p=self.attn_dropout if self.training else 0.0,
-            is_causal=is_causal and attn_mask is None,
-        )
+        if is_causal and attn_mask is None and _chunk_causal_prefill(q, k, self.training):
+            y = _causal_attention_in_chunks(q, k, v)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v,
+                attn_mask=attn_mask,
+                dropout_p=self.attn_dropout if self.training else 0.0,
+                is_causal=is_causal and attn_mask is None,
+            )
         y = y.transpose(1, 2).reshape(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(linear(y, self.c_proj))
 

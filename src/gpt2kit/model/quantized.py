@@ -361,23 +361,28 @@ def _dequant_buffer(rows: int, cols: int, dtype: torch.dtype = torch.float32) ->
     return buf[: rows * cols].view(rows, cols)
 
 
-# ----- a generation's prefill: products of many rows in bf16 where the CPU multiplies bf16 natively -------
+# ----- a generation's prefill: products of many rows in bf16 or in 8 bits, where the CPU does those fast --
 #
-# A prompt's forward multiplies every weight by hundreds of rows: compute-bound, unlike a decode step. With
-# bf16 dot products (AVX512-BF16, AMX) oneDNN's bf16 GEMM ran 2.1x its float32 one at gpt2's prefill
-# shapes on a Zen 5 EPYC (915-934 against 427-462 GFLOP/s); int4 prefill of 512 tokens went 1840 -> 2500
-# tok/s, int8 2000 -> 2850 (docs/benchmarks.md). The weights are rounded to bf16 after dequantizing
-# (2^-9 of each, well inside their int4/int8 step) and so are the activations, as llama.cpp rounds its
-# activations to 8 bits. Only inside generation_prefill() (generate, the server, speculative decoding):
-# model.forward elsewhere -- evaluation, perplexity, training -- stays the exact float32 product of the
-# dequantized weight. GPT2KIT_QUANT_PREFILL=float32 turns it off, =bf16 forces it.
+# A prompt's forward multiplies every weight by hundreds of rows: compute-bound, unlike a decode step.
+# - bf16: with bf16 dot products (AVX512-BF16, AMX) oneDNN's bf16 GEMM ran 2.1x its float32 one at gpt2's
+#   prefill shapes on a Zen 5 EPYC (915-934 against 427-462 GFLOP/s); int4 prefill of 512 tokens went
+#   1840 -> 2500 tok/s, int8 2000 -> 2850 (docs/benchmarks.md). The weights are rounded to bf16 after
+#   dequantizing (2^-9 of each, well inside their int4/int8 step) and so are the activations.
+# - int8 (int4 weights, CPUs with AVX2 but no bf16 dot products): gpt2kit's int4 x int8 GEMM
+#   (native/gemm_int4.c), the activations quantized per block of 32 to int8 as llama.cpp's q8_0 does and
+#   as the batch-1 kernel already does: 270-280 GOP/s against oneDNN's 200-210 GFLOP/s float32 on a Zen 5
+#   core pair limited to AVX2; at 2-64 rows 1.2-2.4x torch's int4 kernel.
+# Only inside generation_prefill() (generate, the server, speculative decoding): model.forward elsewhere --
+# evaluation, perplexity, training -- stays the exact float32 product of the dequantized weight.
+# GPT2KIT_QUANT_PREFILL=auto|bf16|int8|float32 (float32 turns both off).
 _in_generation_prefill: contextvars.ContextVar[bool] = contextvars.ContextVar("gpt2kit_generation_prefill",
                                                                                default=False)
+QUANT_PREFILL_MODES = ("auto", "bf16", "int8", "float32")
 
 
 @contextlib.contextmanager
 def generation_prefill():
-    """Inside, quantized layers may multiply many rows in bf16 (see quant_prefill_dtype)."""
+    """Inside, quantized layers may multiply many rows in bf16 or 8 bits (see quant_prefill_mode)."""
     token = _in_generation_prefill.set(True)
     try:
         yield
@@ -397,23 +402,26 @@ def _cpu_has_bf16_dot() -> bool:
     return False
 
 
-_bf16_dot = None
+_auto_mode: str | None = None
 
 
-def quant_prefill_dtype() -> torch.dtype:
-    """The dtype of a generation prefill's quantized products here: bf16 where the CPU has bf16 dot
-    products (bf16 without them runs ~60x slower than float32: ../shared/PERF-NOTES.md), else float32."""
-    global _bf16_dot
+def quant_prefill_mode() -> str:
+    """How a generation prefill's quantized products run here: "bf16" where the CPU has bf16 dot products
+    (bf16 without them runs ~60x slower than float32: ../shared/PERF-NOTES.md), else "int8" where
+    gpt2kit's int4 x int8 GEMM is built (AVX2), else "float32". "int8" applies to int4 weights in blocks
+    of 32; other quantized weights are multiplied in float32 then."""
+    global _auto_mode
     choice = os.environ.get("GPT2KIT_QUANT_PREFILL", "auto").strip().lower()
-    if choice in ("float32", "fp32"):
-        return torch.float32
-    if choice == "bf16":
-        return torch.bfloat16
+    choice = "float32" if choice == "fp32" else choice
+    if choice not in QUANT_PREFILL_MODES:
+        raise UserError(f"GPT2KIT_QUANT_PREFILL must be one of {', '.join(QUANT_PREFILL_MODES)}, got {choice!r}")
     if choice != "auto":
-        raise UserError(f"GPT2KIT_QUANT_PREFILL must be auto, bf16 or float32, got {choice!r}")
-    if _bf16_dot is None:
-        _bf16_dot = _cpu_has_bf16_dot()
-    return torch.bfloat16 if _bf16_dot else torch.float32
+        return choice
+    if _auto_mode is None:
+        from . import native
+
+        _auto_mode = "bf16" if _cpu_has_bf16_dot() else ("int8" if native.int4_gemm_available() else "float32")
+    return _auto_mode
 
 
 class QuantLinear(nn.Module):
@@ -453,8 +461,24 @@ class QuantLinear(nn.Module):
             self._kernels[cls] = cls(self.store, bias)
         return self._kernels[cls]
 
+    def _prefill_int8(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The product by gpt2kit's int4 x int8 GEMM, or None where it does not apply."""
+        if self.store.bits != 4 or x.dtype != torch.float32 or quant_prefill_mode() != "int8":
+            return None
+        kernel = self.small_batch_kernel(1)  # its packed blocks are the GEMM's input: nothing more is held
+        if not isinstance(kernel, _Int4Native):
+            return None
+        from . import native
+
+        y = native.int4_gemm(kernel.blocks, x, kernel.bias, self.out_features, self.in_features)
+        return y.view(*x.shape[:-1], self.out_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
+        if rows > 1 and _in_generation_prefill.get() and not x.requires_grad and x.device.type == "cpu":
+            y = self._prefill_int8(x)
+            if y is not None:
+                return y
         kernel = None if x.requires_grad or x.device.type != "cpu" else self.small_batch_kernel(rows)
         if kernel is not None:
             return kernel(x.reshape(rows, x.shape[-1])).to(x.dtype).view(*x.shape[:-1], self.out_features)
@@ -464,7 +488,7 @@ class QuantLinear(nn.Module):
         # no autograd keeps the weight: dequantize into a reused buffer. A fresh one costs a page fault per
         # 4 KB each time (int8 gpt2 prefill 512: ~75 ms of dequantizing against ~15 with the buffer here)
         w = self.store.dequantize(out=_dequant_buffer(self.out_features, self.in_features))
-        if _in_generation_prefill.get() and quant_prefill_dtype() == torch.bfloat16:
+        if _in_generation_prefill.get() and quant_prefill_mode() == "bf16":
             wb = _dequant_buffer(self.out_features, self.in_features, torch.bfloat16).copy_(w)
             y = F.linear(x.to(torch.bfloat16), wb).float()
             return y if self.bias is None else y.add_(self.bias)

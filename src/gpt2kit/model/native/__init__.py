@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 _SOURCES = [Path(__file__).with_name(name)
-            for name in ("gemv.c", "gemv_int8.c", "gemm_f32.c", "attention.c", "decode_step.c")]
+            for name in ("gemv.c", "gemv_int8.c", "gemm_f32.c", "gemm_int4.c", "attention.c", "decode_step.c")]
 _HEADERS = [Path(__file__).with_name("kernels.h")]
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": CDLL | None, "why": str
@@ -63,6 +63,13 @@ def _arch_flags() -> list[str]:
     return extra
 
 
+# -fno-trapping-math: without it GCC 12 keeps every loop with a comparison scalar under AVX2 (a compare may
+# trap; AVX-512's masked compares do not), so the GELU and the softmax's exponentials ran one float at a
+# time there. The kernels never read floating-point exception flags; results are unchanged (ISO C mode
+# keeps -ffp-contract=off, and reductions are reordered only where `omp simd reduction` allows it).
+_BASE_FLAGS = ["-O3", "-std=c11", "-fno-trapping-math"]
+
+
 def _compiler() -> str | None:
     for name in (os.environ.get("CC"), "cc", "gcc"):
         if name and shutil.which(name):
@@ -73,7 +80,7 @@ def _compiler() -> str | None:
 def _build(cc: str, out: Path) -> str:
     """Compile the kernel to `out` (atomically); '' on success, else why not."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    base = [cc, "-O3", "-std=c11", "-shared", "-fPIC", *_arch_flags(), *map(str, _SOURCES)]
+    base = [cc, *_BASE_FLAGS, "-shared", "-fPIC", *_arch_flags(), *map(str, _SOURCES)]
     fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.tmp")
     os.close(fd)
     try:
@@ -100,7 +107,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     if cc is None:
         return None, "no C compiler (cc or gcc, or $CC) on PATH"
     key = hashlib.sha256()
-    for part in (*(p.read_bytes() for p in _SOURCES + _HEADERS), cc.encode(), " ".join(_arch_flags()).encode(), _cpu_flags().encode(),
+    for part in (*(p.read_bytes() for p in _SOURCES + _HEADERS), cc.encode(), " ".join(_BASE_FLAGS + _arch_flags()).encode(), _cpu_flags().encode(),
                  platform.machine().encode()):
         key.update(part)
         key.update(b"\0")
@@ -137,6 +144,12 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.gpt2kit_decode_step.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
                                         ctypes.c_void_p, ctypes.c_int]
     lib.gpt2kit_decode_step.restype = ctypes.c_int
+    lib.gpt2kit_int4_gemm.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+                                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    lib.gpt2kit_int4_gemm.restype = ctypes.c_int
+    lib.gpt2kit_int4_gemm_available.restype = ctypes.c_int
+    lib.gpt2kit_gelu.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int]
+    lib.gpt2kit_gelu.restype = None
     lib.gpt2kit_decode_rows.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                                         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     lib.gpt2kit_decode_rows.restype = ctypes.c_int
@@ -208,6 +221,29 @@ def int4_gemv(blocks: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, 
     return y
 
 
+def int4_gemm_available() -> bool:
+    """Whether int4_gemm was built here (it needs AVX2, FMA and F16C)."""
+    lib = library()
+    return lib is not None and bool(lib.gpt2kit_int4_gemm_available())
+
+
+def int4_gemm(blocks: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, rows: int, cols: int,
+              threads: int | None = None) -> torch.Tensor:
+    """y [M, rows] = x W~^T + bias for many float32 rows x [M, cols] and W~ packed by pack_int4_blocks,
+    multiplied in 8 bits (x quantized per block of 32, as int4_gemv does for one row): gemm_int4.c."""
+    if not int4_gemm_available():
+        raise RuntimeError(f"native int4 GEMM unavailable here ({status()})")
+    M = x.numel() // cols
+    x = x.reshape(M, cols).float().contiguous()
+    y = torch.empty(M, rows)
+    rc = library().gpt2kit_int4_gemm(blocks.data_ptr(), rows, cols, x.data_ptr(), M,
+                                     None if bias is None else bias.data_ptr(), y.data_ptr(),
+                                     threads or torch.get_num_threads())
+    if rc:
+        raise MemoryError("native int4 GEMM: out of memory for the quantized activations")
+    return y
+
+
 def int8_gemv(codes_s8: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, x: torch.Tensor,
               bias: torch.Tensor | None, threads: int | None = None) -> torch.Tensor:
     """y [1, rows] = W~ x for one float32 row x [1, cols] and an int8 weight per output row: signed codes
@@ -270,6 +306,19 @@ def int4_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
     lib.gpt2kit_int4_dequantize(q.data_ptr(), s.data_ptr(), z.data_ptr(), out.data_ptr(), rows, cols, group,
                                 threads or torch.get_num_threads())
     return out
+
+
+def gelu(x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+    """GPT-2's tanh GELU of a contiguous float32 CPU tensor into a new one, by the decode step's own
+    function (within a few ulp of torch's)."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"native kernels {status()}")
+    if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous():
+        raise ValueError(f"native gelu needs a contiguous float32 CPU tensor, got {x.dtype} on {x.device}")
+    y = torch.empty_like(x)
+    lib.gpt2kit_gelu(x.data_ptr(), y.data_ptr(), x.numel(), threads or torch.get_num_threads())
+    return y
 
 
 def f32_linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, out: np.ndarray,

@@ -14,6 +14,20 @@ static inline float gk_hsum8(__m256 v) {
 }
 #endif
 
+/* Inside an OpenMP parallel region: whether every thread's scratch allocations succeeded (`mine`: this
+ * thread's), so that all threads skip the work together; `failed` is shared and 0 before. A barrier. */
+static inline int gk_all_allocated(int mine, int *failed) {
+    if (!mine) {
+#pragma omp atomic write
+        *failed = 1;
+    }
+#pragma omp barrier
+    int bad;
+#pragma omp atomic read
+    bad = *failed;
+    return !bad;
+}
+
 /* An activation row quantized per block of 32 to int8 (gemv.c): codes xq, their AVX2 and AVX-512 orders
  * xp and x4 (cols bytes each), per-block scale xs and scale * sum of codes xsum (cols / 32 floats each). */
 void gk_q8_quantize(const float *x, int cols, int8_t *xq, int8_t *xp, int8_t *x4, float *xs, float *xsum);
