@@ -63,11 +63,8 @@ def _arch_flags() -> list[str]:
     return extra
 
 
-# -fno-trapping-math: without it GCC 12 keeps every loop with a comparison scalar under AVX2 (a compare may
-# trap; AVX-512's masked compares do not), so the GELU and the softmax's exponentials ran one float at a
-# time there. The kernels never read floating-point exception flags; results are unchanged (ISO C mode
-# keeps -ffp-contract=off, and reductions are reordered only where `omp simd reduction` allows it).
-_BASE_FLAGS = ["-O3", "-std=c11", "-fno-trapping-math"]
+# part of the build's cache key, as the compiler and -march flags are
+_BASE_FLAGS = ["-O3", "-std=c11"]
 
 
 def _compiler() -> str | None:
