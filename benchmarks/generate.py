@@ -41,6 +41,9 @@ def parse_args():
                    help="llama.cpp: float32/int8/int4 against llama.cpp f32/q8_0/q4_0 (generate_llama_cpp.py)")
     p.add_argument("--llama-cpp", metavar="DIR", default=None,
                    help="llama.cpp directory (llama-bench, llama-quantize, convert_hf_to_gguf.py)")
+    p.add_argument("--memory-only", action="store_true",
+                   help="with --peers llama.cpp: only each pair's peak RSS (--rounds fresh processes of ours "
+                        "each), no timing")
     return p.parse_args()
 
 
@@ -50,7 +53,7 @@ def main() -> None:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         import generate_llama_cpp
 
-        report = generate_llama_cpp.run(args)
+        report = generate_llama_cpp.run_memory(args) if args.memory_only else generate_llama_cpp.run(args)
         report.update(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                       machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus")
         print(json.dumps(report, indent=1))

@@ -240,5 +240,33 @@ def run(args) -> dict:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def run_memory(args) -> dict:
+    """Peak RSS only (`--memory-only`): per pair, `args.rounds` fresh processes of ours (load + the decode
+    run) and one llama-bench decode, no timing, so it can run beside other work."""
+    tools, why = find_llama_cpp(args.llama_cpp)
+    if tools is None:
+        return {"benchmark": "generate-memory-vs-llama.cpp", "skipped": f"llama.cpp unavailable: {why}"}
+    work = Path(tempfile.mkdtemp(prefix="gen-llama-mem-"))
+    try:
+        paths = build_models(tools, work)
+        results = {}
+        for ours, peer in PAIRS:
+            mine = [_peak_rss_of([sys.executable, __file__, "--rss-child", str(paths[ours]), str(args.threads)])
+                    for _ in range(max(1, args.rounds))]
+            theirs = _peak_rss_of([str(tools["llama-bench"]), "-m", str(paths[peer]), "-t", str(args.threads),
+                                   "-p", "0", "-n", str(NEW), "-r", "1", "-o", "json"])
+            results[f"{ours}_vs_{peer}"] = {
+                "ours_peak_rss_mb": [round(x / 2**20, 1) for x in mine],
+                "llama_cpp_peak_rss_mb": round(theirs / 2**20, 1),
+                "ratio": round(max(mine) / theirs, 2),
+            }
+        return {"benchmark": "generate-memory-vs-llama.cpp",
+                "setup": {"preset": "gpt2", "prompt_len": PROMPT, "new_tokens": NEW, "threads": args.threads,
+                          "gguf": f"{paths['exporter']}, then llama-quantize q8_0 / q4_0"},
+                "results": results}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--rss-child":
     rss_child(sys.argv[2], int(sys.argv[3]))

@@ -25,6 +25,9 @@ def test_place_keeps_every_tensor_and_frees_the_inputs():
         assert placed[n].dtype == t.dtype and placed[n].shape == t.shape and torch.equal(placed[n], t), n
         assert placed[n].is_contiguous() and placed[n].data_ptr() % 64 == 0
     assert placed["big"].data_ptr() % (2 << 20) == 0  # the first tensor starts on a huge page
+    view = {"t": ref["big"].t(), "pad": torch.zeros(1)}  # a transposed view (a Conv1D weight on load)
+    out = hugepages.place(view)
+    assert out["t"].is_contiguous() and torch.equal(out["t"], ref["big"].t())
     placed["big"].add_(1.0)  # writable, ordinary CPU memory
     assert torch.equal(placed["big"], ref["big"] + 1.0)
 

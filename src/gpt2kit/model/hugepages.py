@@ -39,12 +39,12 @@ def available() -> bool:
 
 
 def place(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The same tensors (names, dtypes, shapes, values), contiguous, in one huge-page-advised mapping;
-    `tensors` is emptied as they move. Returns `tensors` unchanged where huge pages do not apply."""
+    """The same tensors (names, dtypes, shapes, values), contiguous (whatever their layout was), in one
+    huge-page-advised mapping; `tensors` is emptied as they move. Returns `tensors` unchanged where huge
+    pages do not apply."""
     sizes = {n: _padded(t) for n, t in tensors.items()}
     total = sum(sizes.values())
-    if (total < MIN_BYTES or not available()
-            or not all(t.device.type == "cpu" and t.is_contiguous() for t in tensors.values())):
+    if total < MIN_BYTES or not available() or not all(t.device.type == "cpu" for t in tensors.values()):
         return tensors
     try:
         # private and anonymous: shared (shmem) mappings follow another THP switch, usually off

@@ -10,7 +10,8 @@ from ..errors import UserError, require_dir
 from ..fileio import read_json
 from .config import GPT2Config
 from .gpt2 import GPT2Network
-from .hf import CONFIG_FILE, GPT2KIT_FILE, WEIGHTS_FILE, _is_conv1d, read_weights
+from .hf import CONFIG_FILE, GPT2KIT_FILE, WEIGHTS_FILE, SafetensorsReader, _is_conv1d
+from .meta import on_meta
 from .quantized import HEAD, QuantEmbedding, QuantLinear, QuantTiedHead, _QuantStore, install_quantized
 
 
@@ -51,11 +52,17 @@ def load_quantized(path, device=None, dtype=None, model_class: type[GPT2Network]
     weights_file = path / WEIGHTS_FILE
     if not weights_file.exists():
         raise UserError(f"no weights in {path}: expected {WEIGHTS_FILE}")
-    tensors = read_weights(weights_file)
     dtype = dtype or torch.float32
     device = torch.device(device) if device is not None else torch.device("cpu")
+    with SafetensorsReader(weights_file) as tensors:
+        return _build(model_class, config, spec, tensors, weights_file, path, device, dtype)
 
-    with torch.device("meta"):
+
+def _build(model_class, config, spec, tensors, weights_file, path, device, dtype) -> GPT2Network:
+    """The quantized model from the checkpoint's tensors (read one at a time, so that converting one --
+    int8 codes become signed -- holds its raw copy only until the next)."""
+
+    with on_meta():
         model = model_class(config)
     bits = int(spec["bits"])
     used: set[str] = set()
@@ -69,7 +76,7 @@ def load_quantized(path, device=None, dtype=None, model_class: type[GPT2Network]
         except AttributeError:
             raise UserError(f"{path / GPT2KIT_FILE}: quantized module {name!r} is not part of this model") from None
         cols = original.embedding_dim if isinstance(original, nn.Embedding) else original.in_features
-        qw, sc, zs = (tensors[k].to(device) for k in keys)
+        qw, sc, zs = (tensors[k].to(device) for k in keys)  # each read now, in memory of its own
         store = _QuantStore(qw, sc, zs, bits, cols, compute_dtype=dtype)
         rows = original.num_embeddings if isinstance(original, nn.Embedding) else original.out_features
         if store.rows != rows:
@@ -85,9 +92,10 @@ def load_quantized(path, device=None, dtype=None, model_class: type[GPT2Network]
 
     # the float tensors that remain (layer norms, unquantized modules)
     state = {}
-    for name, t in tensors.items():
+    for name in tensors:
         if name in used:
             continue
+        t = tensors[name]
         state[name] = (t.t() if _is_conv1d(name) else t).to(device=device, dtype=dtype).contiguous()
     expected = {n for n, _ in model.named_parameters(remove_duplicate=False) if n != f"{HEAD}.weight"}
     expected -= {n for n, m in model.named_modules() if isinstance(m, QuantLinear) for n in [f"{n}.bias"]}

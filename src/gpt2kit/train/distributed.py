@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import UserError
+from ..model.meta import on_meta
 
 STRATEGIES = ("ddp", "fsdp", "zero1", "none")
 
@@ -303,7 +304,7 @@ def shard_from_meta(
     broadcast shard by shard. The weights equal those of building the full model on every rank."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    with torch.device("meta"):
+    with on_meta():
         model = build()
     tied = [(m, name) for m in model.modules() for name, p in m.named_parameters(recurse=False)]
     owners: dict[int, tuple[nn.Module, str]] = {}

@@ -29,6 +29,7 @@ import torch
 
 from ..errors import UserError
 from ..fileio import atomic_write_text
+from ..model.meta import on_meta
 from ..model.moe import read_moe_metrics
 from ..runtime import retain_freed_memory
 from . import checkpoint as ckpt
@@ -580,7 +581,7 @@ class Trainer:
         if full_state is not None:  # FSDP / expert parallel: the gathered weights go into a plain CPU copy
             from ..model import GPT2
 
-            with torch.device("meta"):
+            with on_meta():
                 model = GPT2(self.model_config)
             model.load_state_dict(full_state, assign=True)
             model.lm_head.weight = model.transformer.wte.weight

@@ -183,23 +183,35 @@ def fits_int4_blocks(scales: torch.Tensor, group_size: int) -> bool:
     return bool((a * 16 <= _FP16_MAX).all()) and (nonzero.numel() == 0 or bool((nonzero >= _FP16_MIN_NORMAL).all()))
 
 
-def pack_int4_blocks(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
-    """gpt2kit's int4 storage (codes two per byte, even index low; float32 scales and uint8 zeros per
-    group) -> the rows gemv.c reads, as a uint8 tensor [rows, cols / 32 * 20]: per row the blocks'
-    fp16 scales, then their fp16 scale * zero, then their codes (byte j: code j low, code j + 16 high)."""
-    rows = qweight.shape[0]
-    packed = qweight.numpy()
+_PACK_ROWS = 4096
+
+
+def _pack_rows(packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group_size: int, out: np.ndarray) -> None:
+    rows = packed.shape[0]
     codes = np.empty((rows, packed.shape[1] * 2), np.uint8)
     codes[:, 0::2], codes[:, 1::2] = packed & 0x0F, packed >> 4
     codes = codes.reshape(rows, -1, BLOCK)  # [rows, blocks, 32]
     nb = codes.shape[1]
     per = group_size // BLOCK
-    s = np.repeat(scales.numpy().astype(np.float32), per, axis=1)  # [rows, blocks]
-    z = np.repeat(zeros.numpy().astype(np.float32), per, axis=1)
-    out = np.empty((rows, nb * BLOCK_BYTES), np.uint8)
+    s = np.repeat(scales.astype(np.float32), per, axis=1)  # [rows, blocks]
+    z = np.repeat(zeros.astype(np.float32), per, axis=1)
     out[:, : 2 * nb] = s.astype("<f2").view(np.uint8)
     out[:, 2 * nb : 4 * nb] = (s * z).astype("<f2").view(np.uint8)
     out[:, 4 * nb :] = (codes[..., :16] | (codes[..., 16:] << 4)).reshape(rows, nb * 16)
+
+
+def pack_int4_blocks(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """gpt2kit's int4 storage (codes two per byte, even index low; float32 scales and uint8 zeros per
+    group) -> the rows gemv.c reads, as a uint8 tensor [rows, cols / 32 * 20]: per row the blocks'
+    fp16 scales, then their fp16 scale * zero, then their codes (byte j: code j low, code j + 16 high)."""
+    rows, half = qweight.shape
+    nb = half * 2 // BLOCK
+    out = np.empty((rows, nb * BLOCK_BYTES), np.uint8)
+    # a few thousand rows at a time: the unpacked codes of a whole output head (gpt2: 38.6 MB) would
+    # otherwise raise a load's peak memory for nothing
+    for r0 in range(0, rows, _PACK_ROWS):
+        r1 = min(rows, r0 + _PACK_ROWS)
+        _pack_rows(qweight[r0:r1].numpy(), scales[r0:r1].numpy(), zeros[r0:r1].numpy(), group_size, out[r0:r1])
     return torch.from_numpy(out)
 
 
