@@ -66,6 +66,17 @@ def _peak_rss_of(cmd: list[str]) -> int:
     return rss
 
 
+def _ours_rss(ckpt: Path, threads: int) -> int:
+    """Peak RSS of a fresh process of ours loading `ckpt` and running the decode (rss_child)."""
+    return _peak_rss_of([sys.executable, __file__, "--rss-child", str(ckpt), str(threads)])
+
+
+def _llama_rss(tools, gguf: Path, threads: int) -> int:
+    """Peak RSS of llama-bench running the same decode on `gguf`."""
+    return _peak_rss_of([str(tools["llama-bench"]), "-m", str(gguf), "-t", str(threads), "-p", "0", "-n", str(NEW),
+                         "-r", "1", "-o", "json"])
+
+
 def _llama_bench(tools, gguf: Path, threads: int, prompt: int, gen: int) -> float:
     """tokens/s of one llama-bench repetition (prompt processing if prompt else token generation)."""
     cmd = [str(tools["llama-bench"]), "-m", str(gguf), "-t", str(threads), "-p", str(prompt), "-n", str(gen),
@@ -201,10 +212,7 @@ def run(args) -> dict:
                 return statistics.median([x / y for x, y in zip(rates[(a, ours)], rates[(b, ours)])])
 
             ours_bytes, peer_bytes = _decode_bytes(models[ours]), paths[peer].stat().st_size
-            ours_rss = _peak_rss_of([sys.executable, __file__, "--rss-child", str(paths[ours]),
-                                        str(args.threads)])
-            peer_rss = _peak_rss_of([str(tools["llama-bench"]), "-m", str(paths[peer]), "-t",
-                                        str(args.threads), "-p", "0", "-n", str(NEW), "-r", "1", "-o", "json"])
+            ours_rss, peer_rss = _ours_rss(paths[ours], args.threads), _llama_rss(tools, paths[peer], args.threads)
             results[f"{ours}_vs_{peer}"] = {
                 "ours_decode_tok_s": round(med["ours_decode"], 1),
                 "llama_cpp_decode_tok_s": round(med["llama_decode"], 1),
@@ -251,10 +259,8 @@ def run_memory(args) -> dict:
         paths = build_models(tools, work)
         results = {}
         for ours, peer in PAIRS:
-            mine = [_peak_rss_of([sys.executable, __file__, "--rss-child", str(paths[ours]), str(args.threads)])
-                    for _ in range(max(1, args.rounds))]
-            theirs = _peak_rss_of([str(tools["llama-bench"]), "-m", str(paths[peer]), "-t", str(args.threads),
-                                   "-p", "0", "-n", str(NEW), "-r", "1", "-o", "json"])
+            mine = [_ours_rss(paths[ours], args.threads) for _ in range(max(1, args.rounds))]
+            theirs = _llama_rss(tools, paths[peer], args.threads)
             results[f"{ours}_vs_{peer}"] = {
                 "ours_peak_rss_mb": [round(x / 2**20, 1) for x in mine],
                 "llama_cpp_peak_rss_mb": round(theirs / 2**20, 1),

@@ -61,7 +61,6 @@ def load_quantized(path, device=None, dtype=None, model_class: type[GPT2Network]
 def _build(model_class, config, spec, tensors, weights_file, path, device, dtype) -> GPT2Network:
     """The quantized model from the checkpoint's tensors (read one at a time, so that converting one --
     int8 codes become signed -- holds its raw copy only until the next)."""
-
     with on_meta():
         model = model_class(config)
     bits = int(spec["bits"])
